@@ -1,0 +1,255 @@
+// Argument checking and layout normalisation for the conv1d ops, shared by CPU and CUDA.
+#include "causal_conv1d/causal_conv1d.h"
+
+#include "common/checks.h"
+
+namespace ssm_ext {
+namespace conv1d {
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    case at::kDouble: return Dtype::f64;
+    default: return Dtype::f32;
+  }
+}
+
+View3 view3(const at::Tensor& t) {
+  View3 v;
+  if (!t.defined() || t.numel() == 0) return v;
+  v.ptr = t.data_ptr();
+  v.sb = t.stride(0);
+  v.sd = t.stride(1);
+  v.sl = t.stride(2);
+  return v;
+}
+
+namespace {
+
+// Channel-last when D has stride 1 and L does not; anything else that is not L-contiguous
+// is copied to the contiguous layout. The fake kernels in ssm_ext/_ops.py mirror this rule.
+bool is_channel_last(const at::Tensor& x) { return x.stride(2) != 1 && x.stride(1) == 1; }
+
+at::Tensor normalise_layout(const at::Tensor& t, bool channel_last) {
+  if (channel_last) {
+    return t.stride(1) == 1 ? t : t.transpose(1, 2).contiguous().transpose(1, 2);
+  }
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
+at::Tensor empty_in_layout(int64_t b, int64_t d, int64_t l, bool channel_last,
+                           const at::TensorOptions& opts) {
+  return channel_last ? at::empty({b, l, d}, opts).transpose(1, 2) : at::empty({b, d, l}, opts);
+}
+
+struct Common {
+  at::Tensor x, seq_idx;
+  bool channel_last;
+};
+
+Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& seq_idx,
+                    const c10::optional<at::Tensor>& initial_states, ConvParams& p) {
+  check_ndim(x_in, "x", 3, "(batch, dim, seqlen)");
+  check_input_dtype(x_in, "x");
+  const int64_t B = x_in.size(0), D = x_in.size(1), L = x_in.size(2);
+  TORCH_CHECK(L >= 1, "x must have seqlen >= 1, got shape ", shape_str(x_in.sizes()));
+  check_ndim(weight, "weight", 2, "(dim, width)");
+  check_same_device(weight, "weight", x_in, "x");
+  check_input_dtype(weight, "weight");
+  TORCH_CHECK(weight.size(0) == D, "weight must have shape (dim, width) with dim = ", D,
+              " (x.size(1)), got ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.size(1) >= 2, "weight must have width >= 2, got shape ",
+              shape_str(weight.sizes()));
+  const int64_t W = weight.size(1);
+  p.batch = B;
+  p.dim = D;
+  p.seqlen = L;
+  p.width = W;
+  p.weight = weight.data_ptr();
+  p.weight_sd = weight.stride(0);
+  p.weight_sw = weight.stride(1);
+  p.weight_dtype = dtype_of(weight);
+  if (bias.has_value()) {
+    check_same_device(*bias, "bias", x_in, "x");
+    check_input_dtype(*bias, "bias");
+    check_shape(*bias, "bias", {D}, "(dim,)");
+    p.bias = bias->data_ptr();
+    p.bias_sd = bias->stride(0);
+    p.bias_dtype = dtype_of(*bias);
+  }
+  Common c;
+  if (seq_idx.has_value()) {
+    check_same_device(*seq_idx, "seq_idx", x_in, "x");
+    check_dtype(*seq_idx, "seq_idx", at::kInt);
+    check_shape(*seq_idx, "seq_idx", {B, L}, "(batch, seqlen)");
+    c.seq_idx = seq_idx->contiguous();
+    p.seq_idx = c.seq_idx.data_ptr<int32_t>();
+  }
+  if (initial_states.has_value()) {
+    check_same_device(*initial_states, "initial_states", x_in, "x");
+    check_dtype(*initial_states, "initial_states", x_in.scalar_type());
+    check_shape(*initial_states, "initial_states", {B, D, W - 1}, "(batch, dim, width - 1)");
+    p.initial_states = view3(*initial_states);
+  }
+  c.channel_last = is_channel_last(x_in);
+  c.x = normalise_layout(x_in, c.channel_last);
+  p.channel_last = c.channel_last;
+  p.x = view3(c.x);
+  return c;
+}
+
+}  // namespace
+
+FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& seq_idx,
+                    const c10::optional<at::Tensor>& initial_states, bool return_final_states,
+                    bool silu) {
+  FwdArgs a;
+  Common c = check_common(x, weight, bias, seq_idx, initial_states, a.p);
+  a.p.silu = silu;
+  a.x = c.x;
+  a.seq_idx = c.seq_idx;
+  const auto& p = a.p;
+  a.out = empty_in_layout(p.batch, p.dim, p.seqlen, c.channel_last, x.options());
+  a.p.out = view3(a.out);
+  a.final_states = return_final_states
+                       ? empty_in_layout(p.batch, p.dim, p.width - 1, c.channel_last, x.options())
+                       : at::empty({0}, x.options());
+  a.p.final_states = view3(a.final_states);
+  return a;
+}
+
+BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& seq_idx,
+                    const c10::optional<at::Tensor>& initial_states, const at::Tensor& dout,
+                    const c10::optional<at::Tensor>& dfinal_states, bool silu) {
+  BwdArgs a;
+  Common c = check_common(x, weight, bias, seq_idx, initial_states, a.p);
+  a.p.silu = silu;
+  a.x = c.x;
+  a.seq_idx = c.seq_idx;
+  const auto& p = a.p;
+  check_same_device(dout, "dout", x, "x");
+  check_dtype(dout, "dout", x.scalar_type());
+  check_shape(dout, "dout", {p.batch, p.dim, p.seqlen}, "(batch, dim, seqlen)");
+  a.dout = normalise_layout(dout, c.channel_last);
+  a.p.dout = view3(a.dout);
+  if (dfinal_states.has_value()) {
+    check_same_device(*dfinal_states, "dfinal_states", x, "x");
+    check_dtype(*dfinal_states, "dfinal_states", x.scalar_type());
+    check_shape(*dfinal_states, "dfinal_states", {p.batch, p.dim, p.width - 1},
+                "(batch, dim, width - 1)");
+    a.p.dfinal_states = view3(*dfinal_states);
+  }
+  a.dx = empty_in_layout(p.batch, p.dim, p.seqlen, c.channel_last, x.options());
+  a.p.dx = view3(a.dx);
+  a.dinitial_states = initial_states.has_value()
+                          ? empty_in_layout(p.batch, p.dim, p.width - 1, c.channel_last, x.options())
+                          : at::empty({0}, x.options());
+  a.p.dinitial_states = view3(a.dinitial_states);
+  return a;
+}
+
+void alloc_param_partials(BwdArgs& a, int64_t n_part, at::Tensor& dweight_part,
+                          at::Tensor& dbias_part) {
+  auto opts = a.x.options().dtype(at::kFloat);
+  dweight_part = at::empty({n_part, a.p.dim, a.p.width}, opts);
+  dbias_part = at::empty({n_part, a.p.dim}, opts);
+  a.p.dweight_part = dweight_part.data_ptr<float>();
+  a.p.dbias_part = dbias_part.data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_param_grads(const at::Tensor& dweight_part,
+                                                      const at::Tensor& dbias_part,
+                                                      const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& bias) {
+  at::Tensor dweight = dweight_part.sum(0).to(weight.scalar_type());
+  at::Tensor dbias = bias.has_value() ? dbias_part.sum(0).to(bias->scalar_type())
+                                      : at::empty({0}, weight.options());
+  return {dweight, dbias};
+}
+
+UpdateParams prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
+                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            bool silu, const c10::optional<at::Tensor>& cache_seqlens,
+                            const c10::optional<at::Tensor>& conv_state_indices,
+                            at::Tensor& out) {
+  UpdateParams p;
+  check_ndim(x, "x", 3, "(batch, dim, seqlen)");
+  check_input_dtype(x, "x");
+  const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
+  check_ndim(weight, "weight", 2, "(dim, width)");
+  check_same_device(weight, "weight", x, "x");
+  check_input_dtype(weight, "weight");
+  TORCH_CHECK(weight.size(0) == D && weight.size(1) >= 2,
+              "weight must have shape (dim, width) with dim = ", D,
+              " (x.size(1)) and width >= 2, got ", shape_str(weight.sizes()));
+  const int64_t W = weight.size(1);
+  check_ndim(conv_state, "conv_state", 3, "(batch, dim, state_len)");
+  check_same_device(conv_state, "conv_state", x, "x");
+  check_dtype(conv_state, "conv_state", x.scalar_type());
+  TORCH_CHECK(conv_state.size(1) == D && conv_state.size(2) >= W - 1,
+              "conv_state must have shape (batch, dim, state_len) with dim = ", D,
+              " and state_len >= width - 1 = ", W - 1, ", got ", shape_str(conv_state.sizes()));
+  if (conv_state_indices.has_value()) {
+    check_same_device(*conv_state_indices, "conv_state_indices", x, "x");
+    check_dtype(*conv_state_indices, "conv_state_indices", at::kInt);
+    check_shape(*conv_state_indices, "conv_state_indices", {B}, "(batch,)");
+    TORCH_CHECK(conv_state_indices->is_contiguous(), "conv_state_indices must be contiguous");
+    p.conv_state_indices = conv_state_indices->data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK(conv_state.size(0) == B, "conv_state must have batch size ", B,
+                " (x.size(0)) when conv_state_indices is None, got ",
+                shape_str(conv_state.sizes()));
+  }
+  if (cache_seqlens.has_value()) {
+    check_same_device(*cache_seqlens, "cache_seqlens", x, "x");
+    check_dtype(*cache_seqlens, "cache_seqlens", at::kInt);
+    check_shape(*cache_seqlens, "cache_seqlens", {B}, "(batch,)");
+    TORCH_CHECK(cache_seqlens->is_contiguous(), "cache_seqlens must be contiguous");
+    p.cache_seqlens = cache_seqlens->data_ptr<int32_t>();
+  }
+  if (bias.has_value()) {
+    check_same_device(*bias, "bias", x, "x");
+    check_input_dtype(*bias, "bias");
+    check_shape(*bias, "bias", {D}, "(dim,)");
+    p.bias = bias->data_ptr();
+    p.bias_sd = bias->stride(0);
+    p.bias_dtype = dtype_of(*bias);
+  }
+  p.batch = B;
+  p.dim = D;
+  p.seqlen = L;
+  p.width = W;
+  p.state_len = conv_state.size(2);
+  p.pool_size = conv_state.size(0);
+  p.silu = silu;
+  p.weight = weight.data_ptr();
+  p.weight_sd = weight.stride(0);
+  p.weight_sw = weight.stride(1);
+  p.weight_dtype = dtype_of(weight);
+  out = at::empty({B, D, L}, x.options());
+  p.x = view3(x);
+  p.out = view3(out);
+  p.conv_state = view3(conv_state);
+  return p;
+}
+
+void check_varlen_states(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t state_len) {
+  check_ndim(x, "x", 2, "(total_tokens, dim)");
+  check_input_dtype(x, "x");
+  check_ndim(cu_seqlens, "cu_seqlens", 1, "(nseq + 1,)");
+  check_same_device(cu_seqlens, "cu_seqlens", x, "x");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+              "cu_seqlens must have dtype int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
+  TORCH_CHECK(state_len >= 1, "state_len must be >= 1, got ", state_len);
+}
+
+}  // namespace conv1d
+}  // namespace ssm_ext

@@ -1,0 +1,366 @@
+// CUDA backward kernels for causal conv1d. dz = dout * act'(pre) is recomputed from x;
+// dx(s) = sum_k w[k] dz(s+W-1-k). dweight/dbias are written as per-block fp32 partials and
+// summed in a fixed order afterwards (deterministic, no atomics).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "causal_conv1d/causal_conv1d.h"
+#include "causal_conv1d/causal_conv1d_cuda.cuh"
+#include "causal_conv1d/causal_conv1d_math.h"
+#include "common/cuda_utils.cuh"
+
+namespace ssm_ext {
+namespace conv1d {
+namespace {
+
+// Sums W+1 per-thread values over the block; thread 0 writes them as partial `part`.
+template <int W, int kThreads>
+__device__ __forceinline__ void write_block_partial(const ConvParams& p, int64_t part, int64_t d,
+                                                    float (&v)[W + 1]) {
+  __shared__ float red[kThreads / 32][W + 1];
+#pragma unroll
+  for (int k = 0; k <= W; ++k)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0)
+#pragma unroll
+    for (int k = 0; k <= W; ++k) red[warp][k] = v[k];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k <= W; ++k) {
+      float s = 0.f;
+      for (int i = 0; i < kThreads / 32; ++i) s += red[i][k];
+      if (k < W) p.dweight_part[(part * p.dim + d) * W + k] = s;
+      else p.dbias_part[part * p.dim + d] = s;
+    }
+  }
+}
+
+// ---- channel-first: thread owns N = kVecs*E steps; the W-1 dz values after them come from
+// the next lane by shuffle (the warp's last lane computes them from the next vector).
+template <typename T, int W, int kVecs, bool kHasSeq>
+__global__ __launch_bounds__(kCfThreads) void bwd_cf_kernel(ConvParams p) {
+  constexpr int E = kVecElems<T>, N = E * kVecs;
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
+  const int64_t t0 = (int64_t(blockIdx.y) * kCfThreads + threadIdx.x) * N;
+  const bool active = t0 < L;
+  const int lane = threadIdx.x & 31;
+  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
+  const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + d * p.dout.sd;
+
+  float xv[W - 1 + N];
+  int sq[kHasSeq ? W - 1 + N : 1];
+  load_cf_window<T, W, kVecs, kHasSeq>(p, x, b, d, t0, active, xv, sq);
+  float w[W], bias;
+  load_weights_fixed<W>(p, d, w, bias);
+
+  float g[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) g[i] = 0.f;
+  if (active) {
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) load_vec(dout + t0 + v * E, g + v * E);
+  }
+  // dz[i] = dz(t0+i) for i < N + W - 1; sqr[j] = seq(t0+N+j)
+  float dz[N + W - 1];
+  int sqr[W - 1];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float pre = bias;
+#pragma unroll
+    for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
+    const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : g[i];
+    dz[i] = p.silu ? gi * dsilu_f(pre) : gi;
+  }
+#pragma unroll
+  for (int j = 0; j < W - 1; ++j) {
+    dz[N + j] = __shfl_down_sync(0xffffffffu, dz[j], 1);
+    sqr[j] = kHasSeq ? __shfl_down_sync(0xffffffffu, sq[W - 1 + j], 1) : 0;
+  }
+  if (lane == 31 && active && t0 + N < L) {  // next warp's first steps: compute them here
+    float nx[E], ng[E];
+    load_vec(x + t0 + N, nx);
+    load_vec(dout + t0 + N, ng);
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      const int64_t t = t0 + N + j;
+      const int st = kHasSeq ? p.seq_idx[b * L + t] : 0;
+      sqr[j] = st;
+      float pre = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const int m = N + j - (W - 1) + k;  // position t-(W-1)+k relative to t0
+        const float xm = m < N ? xv[W - 1 + m] : nx[m - N];
+        const int sm = !kHasSeq ? 0 : (m < N ? sq[W - 1 + m] : p.seq_idx[b * L + t0 + m]);
+        pre += (sm == st) ? w[k] * xm : 0.f;
+      }
+      const float gj = (kHasSeq && st < 0) ? 0.f : ng[j];
+      dz[N + j] = p.silu ? gj * dsilu_f(pre) : gj;
+    }
+  } else if (lane == 31) {
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) dz[N + j] = 0.f;
+  }
+
+  float part[W + 1];
+#pragma unroll
+  for (int k = 0; k <= W; ++k) part[k] = 0.f;
+  if (active) {
+    const int s_last = kHasSeq ? p.seq_idx[b * L + L - 1] : 0;
+    float dx[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const int si = kHasSeq ? sq[W - 1 + i] : 0;
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const int m = i + W - 1 - k;
+        const int sm = !kHasSeq ? 0 : (m < N ? sq[W - 1 + m] : sqr[m - N]);
+        acc += (sm == si) ? w[k] * dz[m] : 0.f;
+      }
+      const int64_t j = t0 + i - L + W - 1;
+      if (j >= 0 && si == s_last) acc += state_at<T, float>(p.dfinal_states, b, d, j);
+      dx[i] = acc;
+#pragma unroll
+      for (int k = 0; k < W; ++k)
+        part[k] += (!kHasSeq || sq[i + k] == si) ? dz[i] * xv[i + k] : 0.f;
+      part[W] += dz[i];
+    }
+    T* o = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + d * p.dx.sd + t0;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) store_vec(o + v * E, dx + v * E);
+    if (t0 == 0 && p.dinitial_states.ptr != nullptr) {
+      const View3& di = p.dinitial_states;
+#pragma unroll
+      for (int s = -(W - 1); s < 0; ++s) {  // positions before x: they belong to seq(0)
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const int m = s + W - 1 - k;
+          if (m >= 0) acc += (!kHasSeq || sq[W - 1 + m] == sq[W - 1]) ? w[k] * dz[m] : 0.f;
+        }
+        static_cast<T*>(di.ptr)[b * di.sb + d * di.sd + (W - 1 + s) * di.sl] = T(acc);
+      }
+    }
+  }
+  write_block_partial<W, kCfThreads>(p, b * gridDim.y + blockIdx.y, d, part);
+}
+
+// ---- channel-last: thread owns E channels and steps [t0, t0+kClBwdSteps); it streams
+// t from t0 to the tile's end + W-2, keeping the last W inputs and the last W dz values.
+template <typename T, int W, bool kHasSeq>
+__global__ __launch_bounds__(kClBwdThreads, 8) void bwd_cl_kernel(ConvParams p) {
+  constexpr int E = kClBwdElems;
+  constexpr int kUnroll = 4;
+  const int64_t c0 = (int64_t(blockIdx.x) * kClBwdThreads + threadIdx.x) * E;
+  const int64_t t0 = int64_t(blockIdx.y) * kClBwdSteps, b = blockIdx.z, L = p.seqlen;
+  if (c0 >= p.dim) return;
+  const int64_t t_end = min(t0 + kClBwdSteps, L);
+  const int64_t t_stop = t_end + W - 1;  // last dz needed is dz(t_end - 1 + W - 1)
+
+  float w[W][E], bias[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    float wi[W];
+    load_weights_fixed<W>(p, c0 + i, wi, bias[i]);
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[k][i] = wi[k];
+  }
+  float win[W][E];
+  int swin[W];
+  load_cl_halo<T, W, kHasSeq>(p, b, c0, t0, win, swin);
+  float dzw[W][E];  // dzw[W-1-k] = dz(t-k)
+#pragma unroll
+  for (int k = 0; k < W; ++k)
+#pragma unroll
+    for (int i = 0; i < E; ++i) dzw[k][i] = 0.f;
+  float dw[W][E], db[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    db[i] = 0.f;
+#pragma unroll
+    for (int k = 0; k < W; ++k) dw[k][i] = 0.f;
+  }
+  const int s_last = kHasSeq ? p.seq_idx[b * L + L - 1] : 0;
+  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + c0;
+  const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + c0;
+  T* dx = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + c0;
+
+  for (int64_t tb = t0; tb < t_stop; tb += kUnroll) {
+    float cx[kUnroll][E], cg[kUnroll][E];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (tb + u < min(t_stop, L)) {
+        load_vec<T, E>(x + (tb + u) * p.x.sl, cx[u]);
+        load_vec<T, E>(dout + (tb + u) * p.dout.sl, cg[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = tb + u;
+      if (t >= t_stop) break;
+      // dz(t), and the weight-gradient terms of the tile's own steps
+      const bool in_x = t < L;
+      const int st = (kHasSeq && in_x) ? p.seq_idx[b * L + t] : 0;
+      swin[W - 1] = st;
+#pragma unroll
+      for (int i = 0; i < E; ++i) win[W - 1][i] = in_x ? cx[u][i] : 0.f;
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        float pre = bias[i];
+#pragma unroll
+        for (int k = 0; k < W; ++k) pre += (!kHasSeq || swin[k] == st) ? w[k][i] * win[k][i] : 0.f;
+        const float gi = (!in_x || (kHasSeq && st < 0)) ? 0.f : cg[u][i];
+        const float dzi = p.silu ? gi * dsilu_f(pre) : gi;
+#pragma unroll
+        for (int k = 0; k < W - 1; ++k) dzw[k][i] = dzw[k + 1][i];
+        dzw[W - 1][i] = dzi;
+        if (t < t_end) {
+#pragma unroll
+          for (int k = 0; k < W; ++k) dw[k][i] += (!kHasSeq || swin[k] == st) ? dzi * win[k][i] : 0.f;
+          db[i] += dzi;
+        }
+      }
+      // dx(s) for s = t-(W-1), or dinitial_states for s < 0 in the first tile
+      const int64_t s = t - (W - 1);
+      const int ss = swin[0];  // seq(s)
+      if (s >= t0 || (t0 == 0 && s >= -(W - 1) && p.dinitial_states.ptr != nullptr)) {
+        float out[E];
+        const int64_t j = s - L + W - 1;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          float acc = 0.f;
+#pragma unroll
+          for (int k = 0; k < W; ++k) acc += (!kHasSeq || swin[W - 1 - k] == ss) ? w[k][i] * dzw[W - 1 - k][i] : 0.f;
+          if (j >= 0 && ss == s_last) acc += state_at<T, float>(p.dfinal_states, b, c0 + i, j);
+          out[i] = acc;
+        }
+        if (s >= t0) {
+          store_vec<T, E>(dx + s * p.dx.sl, out);
+        } else {
+          const View3& di = p.dinitial_states;
+#pragma unroll
+          for (int i = 0; i < E; ++i)
+            static_cast<T*>(di.ptr)[b * di.sb + (c0 + i) * di.sd + (W - 1 + s) * di.sl] = T(out[i]);
+        }
+      }
+      shift_window<W, E>(win, swin);
+    }
+  }
+  const int64_t part = b * gridDim.y + blockIdx.y;
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) p.dweight_part[(part * p.dim + c0 + i) * W + k] = dw[k][i];
+    p.dbias_part[part * p.dim + c0 + i] = db[i];
+  }
+}
+
+// ---- any width, any strides. dx: one thread per position; parameters: one thread per
+// (batch, channel) row, so the partials are indexed by batch.
+template <typename T>
+__global__ void bwd_dx_generic_kernel(ConvParams p) {
+  extern __shared__ float w_smem[];
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, W = p.width;
+  if (threadIdx.x == 0) load_row_weights(p, d, w_smem, &w_smem[W]);
+  __syncthreads();
+  auto dz = [&](int64_t t) { return dz_at<T, float>(p, b, d, t, w_smem, w_smem[W]); };
+  for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x - (W - 1); i < p.seqlen;
+       i += int64_t(gridDim.y) * blockDim.x) {
+    if (i < 0 && p.dinitial_states.ptr == nullptr) continue;
+    const float g = dxe_at<T, float>(p, b, d, i, w_smem, dz);
+    const View3& v = i >= 0 ? p.dx : p.dinitial_states;
+    const int64_t pos = i >= 0 ? i : W - 1 + i;
+    static_cast<T*>(v.ptr)[b * v.sb + d * v.sd + pos * v.sl] = T(g);
+  }
+}
+
+template <typename T>
+__global__ void bwd_params_generic_kernel(ConvParams p) {
+  extern __shared__ float smem[];  // W weights, the bias, then one partial sum per thread
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, W = p.width;
+  float* red = smem + W + 1;
+  if (threadIdx.x == 0) load_row_weights(p, d, smem, &smem[W]);
+  __syncthreads();
+  for (int64_t k = 0; k <= W; ++k) {  // k == W: the bias
+    float acc = 0.f;
+    for (int64_t t = threadIdx.x; t < p.seqlen; t += blockDim.x) {
+      const float g = dz_at<T, float>(p, b, d, t, smem, smem[W]);
+      const int64_t i = t - (W - 1) + k;
+      if (k == W) acc += g;
+      else if (seq_at(p, b, i) == seq_at(p, b, t)) acc += g * xe_at<T, float>(p, b, d, i);
+    }
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      if (k < W) p.dweight_part[(b * p.dim + d) * W + k] = red[0];
+      else p.dbias_part[b * p.dim + d] = red[0];
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+void launch_bwd(ConvParams& p, BwdArgs& a, at::Tensor& dweight_part, at::Tensor& dbias_part,
+                cudaStream_t stream) {
+  const int64_t rows = p.batch * p.dim;
+  const int W = p.width;
+  if (use_cf_fast_path<T>(p, {p.x, p.dout, p.dx})) {
+    dim3 grid(rows, ceil_div(p.seqlen, int64_t(kCfThreads) * kVecElems<T> * kCfVecs));
+    alloc_param_partials(a, p.batch * grid.y, dweight_part, dbias_part);
+    width_switch(W, [&](auto kW) {
+      bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
+        bwd_cf_kernel<T, decltype(kW)::value, kCfVecs, decltype(kSeq)::value><<<grid, kCfThreads, 0, stream>>>(a.p);
+      });
+    });
+  } else if (use_cl_fast_path<T, kClBwdElems>(p, {p.x, p.dout, p.dx})) {
+    dim3 grid(ceil_div(p.dim, int64_t(kClBwdThreads) * kClBwdElems), ceil_div(p.seqlen, kClBwdSteps), p.batch);
+    alloc_param_partials(a, p.batch * grid.y, dweight_part, dbias_part);
+    width_switch(W, [&](auto kW) {
+      bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
+        bwd_cl_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<grid, kClBwdThreads, 0, stream>>>(a.p);
+      });
+    });
+  } else {
+    alloc_param_partials(a, p.batch, dweight_part, dbias_part);
+    dim3 grid(rows, std::min<unsigned>(ceil_div(p.seqlen + W - 1, 256), 65535));
+    bwd_dx_generic_kernel<T><<<grid, 256, (W + 1) * sizeof(float), stream>>>(a.p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bwd_params_generic_kernel<T><<<rows, 256, (W + 1 + 256) * sizeof(float), stream>>>(a.p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& initial_states,
+    const at::Tensor& dout, const c10::optional<at::Tensor>& dfinal_states, bool silu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  BwdArgs a = prepare_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu);
+  at::Tensor dweight_part, dbias_part;
+  if (a.dx.numel() == 0) {
+    alloc_param_partials(a, 1, dweight_part, dbias_part);
+    dweight_part.zero_();
+    dbias_part.zero_();
+  } else {
+    dispatch_io_dtype(a.x.scalar_type(), "causal_conv1d_bwd", [&](auto tag) {
+      launch_bwd<decltype(tag)>(a.p, a, dweight_part, dbias_part, c10::cuda::getCurrentCUDAStream());
+    });
+  }
+  auto [dweight, dbias] = finish_param_grads(dweight_part, dbias_part, weight, bias);
+  return {a.dx, dweight, dbias, a.dinitial_states};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssm_ext, CUDA, m) { m.impl("causal_conv1d_bwd", &bwd_cuda); }
+
+}  // namespace conv1d
+}  // namespace ssm_ext

@@ -1,0 +1,21 @@
+// Every ssm_ext op schema, in one place. Kernels register per device in their family's files.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import ssm_ext._C` loads this library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(ssm_ext, m) {
+  // causal depthwise conv1d (csrc/causal_conv1d)
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, "
+        "Tensor? initial_states, bool return_final_states, bool silu) -> (Tensor, Tensor)");
+  m.def("causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, "
+        "Tensor? initial_states, Tensor dout, Tensor? dfinal_states, bool silu) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+        "bool silu, Tensor? cache_seqlens, Tensor? conv_state_indices) -> Tensor");
+  m.def("causal_conv1d_varlen_states(Tensor x, Tensor cu_seqlens, int state_len) -> Tensor");
+}

@@ -1,0 +1,78 @@
+"""Loads the compiled ops and registers their fake (meta) kernels and autograd formulas."""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.ssm_ext.*)
+
+ops = torch.ops.ssm_ext
+
+
+def has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::causal_conv1d_fwd", "CUDA")
+
+
+# ---------------------------------------------------------------- causal conv1d
+
+def _conv_channel_last(x):
+    # Mirrors is_channel_last in csrc/causal_conv1d/causal_conv1d.cpp.
+    return x.stride(2) != 1 and x.stride(1) == 1
+
+
+def _empty_in_layout(x, b, d, l, channel_last):
+    if channel_last:
+        return x.new_empty(b, l, d).transpose(1, 2)
+    return x.new_empty(b, d, l)
+
+
+@torch.library.register_fake("ssm_ext::causal_conv1d_fwd")
+def _(x, weight, bias, seq_idx, initial_states, return_final_states, silu):
+    b, d, l = x.shape
+    cl = _conv_channel_last(x)
+    out = _empty_in_layout(x, b, d, l, cl)
+    final = _empty_in_layout(x, b, d, weight.shape[1] - 1, cl) if return_final_states else x.new_empty(0)
+    return out, final
+
+
+@torch.library.register_fake("ssm_ext::causal_conv1d_bwd")
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+    b, d, l = x.shape
+    cl = _conv_channel_last(x)
+    dx = _empty_in_layout(x, b, d, l, cl)
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else weight.new_empty(0)
+    dinit = _empty_in_layout(x, b, d, weight.shape[1] - 1, cl) if initial_states is not None else x.new_empty(0)
+    return dx, dweight, dbias, dinit
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, return_final_states, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu = silu
+    ctx.return_final_states = return_final_states
+    ctx.set_materialize_grads(False)
+
+
+def _conv_backward(ctx, dout, dfinal):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    if not ctx.return_final_states:
+        dfinal = None
+    dx, dweight, dbias, dinit = ops.causal_conv1d_bwd(
+        x, weight, bias, seq_idx, initial_states, dout.to(x.dtype),
+        None if dfinal is None else dfinal.to(x.dtype), ctx.silu)
+    return (dx, dweight, dbias if bias is not None else None, None,
+            dinit if initial_states is not None else None, None, None)
+
+
+torch.library.register_autograd("ssm_ext::causal_conv1d_fwd", _conv_backward,
+                                setup_context=_conv_setup_context)
+
+
+@torch.library.register_fake("ssm_ext::causal_conv1d_update")
+def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ssm_ext::causal_conv1d_varlen_states")
+def _(x, cu_seqlens, state_len):
+    return x.new_empty(cu_seqlens.shape[0] - 1, state_len, x.shape[1]).transpose(1, 2)
