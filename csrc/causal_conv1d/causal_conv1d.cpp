@@ -44,9 +44,24 @@ at::Tensor empty_in_layout(int64_t b, int64_t d, int64_t l, bool channel_last,
 }
 
 struct Common {
-  at::Tensor x, seq_idx;
+  at::Tensor x, seq_idx, bias;
   bool channel_last;
 };
+
+// Checks bias (dim,) and returns it in the weight's dtype.
+template <typename P>
+at::Tensor set_bias(P& p, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
+                    const at::Tensor& x) {
+  if (!bias.has_value()) return at::Tensor();
+  check_same_device(*bias, "bias", x, "x");
+  check_input_dtype(*bias, "bias");
+  check_shape(*bias, "bias", {weight.size(0)}, "(dim,)");
+  at::Tensor b = bias->scalar_type() == weight.scalar_type() ? *bias : bias->to(weight.scalar_type());
+  p.bias = b.data_ptr();
+  p.bias_sd = b.stride(0);
+  p.bias_dtype = dtype_of(b);
+  return b;
+}
 
 Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias,
@@ -72,15 +87,8 @@ Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
   p.weight_sd = weight.stride(0);
   p.weight_sw = weight.stride(1);
   p.weight_dtype = dtype_of(weight);
-  if (bias.has_value()) {
-    check_same_device(*bias, "bias", x_in, "x");
-    check_input_dtype(*bias, "bias");
-    check_shape(*bias, "bias", {D}, "(dim,)");
-    p.bias = bias->data_ptr();
-    p.bias_sd = bias->stride(0);
-    p.bias_dtype = dtype_of(*bias);
-  }
   Common c;
+  c.bias = set_bias(p, bias, weight, x_in);
   if (seq_idx.has_value()) {
     check_same_device(*seq_idx, "seq_idx", x_in, "x");
     check_dtype(*seq_idx, "seq_idx", at::kInt);
@@ -113,6 +121,7 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
   a.p.silu = silu;
   a.x = c.x;
   a.seq_idx = c.seq_idx;
+  a.bias = c.bias;
   const auto& p = a.p;
   a.out = empty_in_layout(p.batch, p.dim, p.seqlen, c.channel_last, x.options());
   a.p.out = view3(a.out);
@@ -133,6 +142,7 @@ BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& weight,
   a.p.silu = silu;
   a.x = c.x;
   a.seq_idx = c.seq_idx;
+  a.bias = c.bias;
   const auto& p = a.p;
   check_same_device(dout, "dout", x, "x");
   check_dtype(dout, "dout", x.scalar_type());
@@ -174,12 +184,12 @@ std::tuple<at::Tensor, at::Tensor> finish_param_grads(const at::Tensor& dweight_
   return {dweight, dbias};
 }
 
-UpdateParams prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
-                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            bool silu, const c10::optional<at::Tensor>& cache_seqlens,
-                            const c10::optional<at::Tensor>& conv_state_indices,
-                            at::Tensor& out) {
-  UpdateParams p;
+UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
+                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          bool silu, const c10::optional<at::Tensor>& cache_seqlens,
+                          const c10::optional<at::Tensor>& conv_state_indices) {
+  UpdateArgs a;
+  UpdateParams& p = a.p;
   check_ndim(x, "x", 3, "(batch, dim, seqlen)");
   check_input_dtype(x, "x");
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
@@ -214,14 +224,7 @@ UpdateParams prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
     TORCH_CHECK(cache_seqlens->is_contiguous(), "cache_seqlens must be contiguous");
     p.cache_seqlens = cache_seqlens->data_ptr<int32_t>();
   }
-  if (bias.has_value()) {
-    check_same_device(*bias, "bias", x, "x");
-    check_input_dtype(*bias, "bias");
-    check_shape(*bias, "bias", {D}, "(dim,)");
-    p.bias = bias->data_ptr();
-    p.bias_sd = bias->stride(0);
-    p.bias_dtype = dtype_of(*bias);
-  }
+  a.bias = set_bias(p, bias, weight, x);
   p.batch = B;
   p.dim = D;
   p.seqlen = L;
@@ -233,11 +236,11 @@ UpdateParams prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
   p.weight_sd = weight.stride(0);
   p.weight_sw = weight.stride(1);
   p.weight_dtype = dtype_of(weight);
-  out = at::empty({B, D, L}, x.options());
+  a.out = at::empty({B, D, L}, x.options());
   p.x = view3(x);
-  p.out = view3(out);
+  p.out = view3(a.out);
   p.conv_state = view3(conv_state);
-  return p;
+  return a;
 }
 
 void check_varlen_states(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t state_len) {

@@ -56,12 +56,13 @@ Dtype dtype_of(const at::Tensor& t);
 View3 view3(const at::Tensor& t);
 
 // Validated, layout-normalised arguments and freshly allocated outputs.
+// Kernels read bias in the weight's dtype: `bias` holds the cast copy when they differ.
 struct FwdArgs {
-  at::Tensor x, out, final_states, seq_idx;
+  at::Tensor x, out, final_states, seq_idx, bias;
   ConvParams p;
 };
 struct BwdArgs {
-  at::Tensor x, dout, dx, dinitial_states, seq_idx;
+  at::Tensor x, dout, dx, dinitial_states, seq_idx, bias;
   ConvParams p;
 };
 
@@ -83,11 +84,14 @@ std::tuple<at::Tensor, at::Tensor> finish_param_grads(const at::Tensor& dweight_
                                                       const at::Tensor& dbias_part,
                                                       const at::Tensor& weight,
                                                       const c10::optional<at::Tensor>& bias);
-UpdateParams prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
-                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            bool silu, const c10::optional<at::Tensor>& cache_seqlens,
-                            const c10::optional<at::Tensor>& conv_state_indices,
-                            at::Tensor& out);
+struct UpdateArgs {
+  at::Tensor out, bias;
+  UpdateParams p;
+};
+UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
+                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          bool silu, const c10::optional<at::Tensor>& cache_seqlens,
+                          const c10::optional<at::Tensor>& conv_state_indices);
 void check_varlen_states(const at::Tensor& x, const at::Tensor& cu_seqlens, int64_t state_len);
 
 

@@ -39,202 +39,195 @@ __device__ __forceinline__ void write_block_partial(const ConvParams& p, int64_t
   }
 }
 
-// ---- channel-first: thread owns N = kVecs*E steps; the W-1 dz values after them come from
-// the next lane by shuffle (the warp's last lane computes them from the next vector).
-template <typename T, int W, int kVecs, bool kHasSeq>
-__global__ __launch_bounds__(kCfThreads) void bwd_cf_kernel(ConvParams p) {
-  constexpr int E = kVecElems<T>, N = E * kVecs;
+// ---- channel-first: one block per row (see CfLoads). The W-1 dz values after a thread's
+// vector come from the next lane by shuffle; lane 31 computes them from the next vectors.
+// dweight/dbias accumulate over the row and are reduced once, so the partials are per batch.
+template <typename T, int W, bool kHasSeq>
+__global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
+  constexpr int E = kVecElems<T>;
+  constexpr int64_t kChunk = int64_t(kCfThreads) * E;
   const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
-  const int64_t t0 = (int64_t(blockIdx.y) * kCfThreads + threadIdx.x) * N;
-  const bool active = t0 < L;
-  const int lane = threadIdx.x & 31;
+  const bool last_lane = (threadIdx.x & 31) == 31;
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
   const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + d * p.dout.sd;
+  const int* seq = p.seq_idx + b * L;
+  T* dx_row = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + d * p.dx.sd;
 
-  float xv[W - 1 + N];
-  int sq[kHasSeq ? W - 1 + N : 1];
-  load_cf_window<T, W, kVecs, kHasSeq>(p, x, b, d, t0, active, xv, sq);
-  float w[W], bias;
+  CfLoads<T, W, kHasSeq> cur;
+  cf_load<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
+  float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
-
-  float g[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) g[i] = 0.f;
-  if (active) {
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) load_vec(dout + t0 + v * E, g + v * E);
-  }
-  // dz[i] = dz(t0+i) for i < N + W - 1; sqr[j] = seq(t0+N+j)
-  float dz[N + W - 1];
-  int sqr[W - 1];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float pre = bias;
-#pragma unroll
-    for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
-    const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : g[i];
-    dz[i] = p.silu ? gi * dsilu_f(pre) : gi;
-  }
-#pragma unroll
-  for (int j = 0; j < W - 1; ++j) {
-    dz[N + j] = __shfl_down_sync(0xffffffffu, dz[j], 1);
-    sqr[j] = kHasSeq ? __shfl_down_sync(0xffffffffu, sq[W - 1 + j], 1) : 0;
-  }
-  if (lane == 31 && active && t0 + N < L) {  // next warp's first steps: compute them here
-    float nx[E], ng[E];
-    load_vec(x + t0 + N, nx);
-    load_vec(dout + t0 + N, ng);
-#pragma unroll
-    for (int j = 0; j < W - 1; ++j) {
-      const int64_t t = t0 + N + j;
-      const int st = kHasSeq ? p.seq_idx[b * L + t] : 0;
-      sqr[j] = st;
-      float pre = bias;
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        const int m = N + j - (W - 1) + k;  // position t-(W-1)+k relative to t0
-        const float xm = m < N ? xv[W - 1 + m] : nx[m - N];
-        const int sm = !kHasSeq ? 0 : (m < N ? sq[W - 1 + m] : p.seq_idx[b * L + t0 + m]);
-        pre += (sm == st) ? w[k] * xm : 0.f;
-      }
-      const float gj = (kHasSeq && st < 0) ? 0.f : ng[j];
-      dz[N + j] = p.silu ? gj * dsilu_f(pre) : gj;
-    }
-  } else if (lane == 31) {
-#pragma unroll
-    for (int j = 0; j < W - 1; ++j) dz[N + j] = 0.f;
-  }
-
+  for (int j = 0; j < W - 1; ++j) init[j] = threadIdx.x == 0 ? state_at<T, float>(p.initial_states, b, d, j) : 0.f;
+  const int s_last = kHasSeq ? seq[L - 1] : 0;
   float part[W + 1];
 #pragma unroll
   for (int k = 0; k <= W; ++k) part[k] = 0.f;
-  if (active) {
-    const int s_last = kHasSeq ? p.seq_idx[b * L + L - 1] : 0;
-    float dx[N];
+
+  for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+    const int64_t t = c0 + int64_t(threadIdx.x) * E;
+    CfLoads<T, W, kHasSeq> nxt;
+    cf_load<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
+    float xv[W - 1 + E];
+    int sq[kHasSeq ? W - 1 + E : 1];
+    cf_window<T, W, kHasSeq>(cur, t, init, xv, sq);
+
+    // dz[i] = dz(t+i) for i < E + W - 1; sqr[j] = seq(t+E+j)
+    float dz[E + W - 1];
+    int sqr[W - 1];
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const int si = kHasSeq ? sq[W - 1 + i] : 0;
-      float acc = 0.f;
+    for (int i = 0; i < E; ++i) {
+      float pre = bias;
 #pragma unroll
-      for (int k = 0; k < W; ++k) {
-        const int m = i + W - 1 - k;
-        const int sm = !kHasSeq ? 0 : (m < N ? sq[W - 1 + m] : sqr[m - N]);
-        acc += (sm == si) ? w[k] * dz[m] : 0.f;
-      }
-      const int64_t j = t0 + i - L + W - 1;
-      if (j >= 0 && si == s_last) acc += state_at<T, float>(p.dfinal_states, b, d, j);
-      dx[i] = acc;
-#pragma unroll
-      for (int k = 0; k < W; ++k)
-        part[k] += (!kHasSeq || sq[i + k] == si) ? dz[i] * xv[i + k] : 0.f;
-      part[W] += dz[i];
+      for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
+      const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : unpack_one<T>(cur.g, i);
+      dz[i] = p.silu ? gi * dsilu_f(pre) : gi;
     }
-    T* o = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + d * p.dx.sd + t0;
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) store_vec(o + v * E, dx + v * E);
-    if (t0 == 0 && p.dinitial_states.ptr != nullptr) {
-      const View3& di = p.dinitial_states;
+    for (int j = 0; j < W - 1; ++j) {
+      dz[E + j] = __shfl_down_sync(0xffffffffu, dz[j], 1);
+      sqr[j] = kHasSeq ? __shfl_down_sync(0xffffffffu, sq[W - 1 + j], 1) : 0;
+    }
+    if (last_lane) {  // the next warp's first steps (0 past the end: x_next, g_next are 0)
 #pragma unroll
-      for (int s = -(W - 1); s < 0; ++s) {  // positions before x: they belong to seq(0)
+      for (int j = 0; j < W - 1; ++j) {
+        const int st = kHasSeq ? cur.s_next[j] : 0;
+        float pre = bias;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const int m = E + j - (W - 1) + k;  // position relative to t
+          const float xm = m < E ? xv[W - 1 + m] : unpack_one<T>(cur.x_next, m - E);
+          const int sm = !kHasSeq ? 0 : (m < E ? sq[W - 1 + m] : cur.s_next[m - E]);
+          pre += (sm == st) ? w[k] * xm : 0.f;
+        }
+        const float gj = (kHasSeq && st < 0) ? 0.f : unpack_one<T>(cur.g_next, j);
+        dz[E + j] = p.silu ? gj * dsilu_f(pre) : gj;
+        sqr[j] = st;
+      }
+    }
+
+    if (t < L) {
+      float dx[E];
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const int si = kHasSeq ? sq[W - 1 + i] : 0;
         float acc = 0.f;
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-          const int m = s + W - 1 - k;
-          if (m >= 0) acc += (!kHasSeq || sq[W - 1 + m] == sq[W - 1]) ? w[k] * dz[m] : 0.f;
+          const int m = i + W - 1 - k;
+          const int sm = !kHasSeq ? 0 : (m < E ? sq[W - 1 + m] : sqr[m - E]);
+          acc += (sm == si) ? w[k] * dz[m] : 0.f;
         }
-        static_cast<T*>(di.ptr)[b * di.sb + d * di.sd + (W - 1 + s) * di.sl] = T(acc);
+        const int64_t j = t + i - L + W - 1;
+        if (j >= 0 && si == s_last) acc += state_at<T, float>(p.dfinal_states, b, d, j);
+        dx[i] = acc;
+#pragma unroll
+        for (int k = 0; k < W; ++k) part[k] += (!kHasSeq || sq[i + k] == si) ? dz[i] * xv[i + k] : 0.f;
+        part[W] += dz[i];
+      }
+      store_vec(dx_row + t, dx);
+      if (t == 0 && p.dinitial_states.ptr != nullptr) {
+        const View3& di = p.dinitial_states;
+#pragma unroll
+        for (int s = -(W - 1); s < 0; ++s) {  // positions before x: they belong to seq(0)
+          float acc = 0.f;
+#pragma unroll
+          for (int k = 0; k < W; ++k) {
+            const int m = s + W - 1 - k;
+            if (m >= 0) acc += (!kHasSeq || sq[W - 1 + m] == sq[W - 1]) ? w[k] * dz[m] : 0.f;
+          }
+          static_cast<T*>(di.ptr)[b * di.sb + d * di.sd + (W - 1 + s) * di.sl] = T(acc);
+        }
       }
     }
+    cur = nxt;
   }
-  write_block_partial<W, kCfThreads>(p, b * gridDim.y + blockIdx.y, d, part);
+  write_block_partial<W, kCfThreads>(p, b, d, part);
 }
 
-// ---- channel-last: thread owns E channels and steps [t0, t0+kClBwdSteps); it streams
-// t from t0 to the tile's end + W-2, keeping the last W inputs and the last W dz values.
+// ---- channel-last: thread owns E channels and steps [t0, t0+kClBwdSteps); it streams t
+// from t0 to the tile's end + W-2 in groups of U steps, the next group loaded before the
+// current one is computed. xb/dzb hold x and dz for the W-1 steps before the group, then it.
 template <typename T, int W, bool kHasSeq>
-__global__ __launch_bounds__(kClBwdThreads, 8) void bwd_cl_kernel(ConvParams p) {
-  constexpr int E = kClBwdElems;
-  constexpr int kUnroll = 4;
+__global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) {
+  constexpr int E = kClBwdElems, U = kClUnroll;
   const int64_t c0 = (int64_t(blockIdx.x) * kClBwdThreads + threadIdx.x) * E;
   const int64_t t0 = int64_t(blockIdx.y) * kClBwdSteps, b = blockIdx.z, L = p.seqlen;
   if (c0 >= p.dim) return;
   const int64_t t_end = min(t0 + kClBwdSteps, L);
-  const int64_t t_stop = t_end + W - 1;  // last dz needed is dz(t_end - 1 + W - 1)
+  const int64_t t_stop = t_end + W - 1;  // dz is needed up to t_end - 1 + W - 1
+  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + c0;
+  const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + c0;
+  const int* seq = p.seq_idx + b * L;
+  T* dx = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + c0;
 
+  float xb[W - 1 + U][E], gb[U][E], dzb[W - 1 + U][E];
+  int sb[W - 1 + U];
+  auto load_group = [&](int64_t tg, float (*xg)[E], float (*gg)[E], int* sg) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = tg + u;
+      if (t < L) {
+        load_vec<T, E>(x + t * p.x.sl, xg[u]);
+        load_vec<T, E>(dout + t * p.dout.sl, gg[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) xg[u][i] = gg[u][i] = 0.f;
+      }
+      sg[u] = (kHasSeq && t < L) ? seq[t] : 0;
+    }
+  };
+  load_group(t0, xb + W - 1, gb, sb + W - 1);
+  load_cl_halo<T, W, kHasSeq, E>(p, b, c0, t0, xb, sb);
   float w[W][E], bias[E];
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    float wi[W];
-    load_weights_fixed<W>(p, c0 + i, wi, bias[i]);
-#pragma unroll
-    for (int k = 0; k < W; ++k) w[k][i] = wi[k];
-  }
-  float win[W][E];
-  int swin[W];
-  load_cl_halo<T, W, kHasSeq>(p, b, c0, t0, win, swin);
-  float dzw[W][E];  // dzw[W-1-k] = dz(t-k)
-#pragma unroll
-  for (int k = 0; k < W; ++k)
-#pragma unroll
-    for (int i = 0; i < E; ++i) dzw[k][i] = 0.f;
+  load_weights_block<W, E>(p, c0, w, bias);
+  const int s_last = kHasSeq ? seq[L - 1] : 0;
   float dw[W][E], db[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) {
     db[i] = 0.f;
 #pragma unroll
     for (int k = 0; k < W; ++k) dw[k][i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) dzb[j][i] = 0.f;
   }
-  const int s_last = kHasSeq ? p.seq_idx[b * L + L - 1] : 0;
-  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + c0;
-  const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + c0;
-  T* dx = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + c0;
 
-  for (int64_t tb = t0; tb < t_stop; tb += kUnroll) {
-    float cx[kUnroll][E], cg[kUnroll][E];
+  for (int64_t tb = t0; tb < t_stop; tb += U) {
+    float nx[U][E], ng[U][E];
+    int ns[U];
+    if (tb + U < t_stop) load_group(tb + U, nx, ng, ns);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (tb + u < min(t_stop, L)) {
-        load_vec<T, E>(x + (tb + u) * p.x.sl, cx[u]);
-        load_vec<T, E>(dout + (tb + u) * p.dout.sl, cg[u]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t t = tb + u;
       if (t >= t_stop) break;
-      // dz(t), and the weight-gradient terms of the tile's own steps
-      const bool in_x = t < L;
-      const int st = (kHasSeq && in_x) ? p.seq_idx[b * L + t] : 0;
-      swin[W - 1] = st;
-#pragma unroll
-      for (int i = 0; i < E; ++i) win[W - 1][i] = in_x ? cx[u][i] : 0.f;
+      const int st = sb[W - 1 + u];
+      const bool live = t < L && !(kHasSeq && st < 0);
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         float pre = bias[i];
 #pragma unroll
-        for (int k = 0; k < W; ++k) pre += (!kHasSeq || swin[k] == st) ? w[k][i] * win[k][i] : 0.f;
-        const float gi = (!in_x || (kHasSeq && st < 0)) ? 0.f : cg[u][i];
+        for (int k = 0; k < W; ++k) pre += (!kHasSeq || sb[u + k] == st) ? w[k][i] * xb[u + k][i] : 0.f;
+        const float gi = live ? gb[u][i] : 0.f;
         const float dzi = p.silu ? gi * dsilu_f(pre) : gi;
-#pragma unroll
-        for (int k = 0; k < W - 1; ++k) dzw[k][i] = dzw[k + 1][i];
-        dzw[W - 1][i] = dzi;
+        dzb[W - 1 + u][i] = dzi;
         if (t < t_end) {
 #pragma unroll
-          for (int k = 0; k < W; ++k) dw[k][i] += (!kHasSeq || swin[k] == st) ? dzi * win[k][i] : 0.f;
+          for (int k = 0; k < W; ++k) dw[k][i] += (!kHasSeq || sb[u + k] == st) ? dzi * xb[u + k][i] : 0.f;
           db[i] += dzi;
         }
       }
       // dx(s) for s = t-(W-1), or dinitial_states for s < 0 in the first tile
       const int64_t s = t - (W - 1);
-      const int ss = swin[0];  // seq(s)
-      if (s >= t0 || (t0 == 0 && s >= -(W - 1) && p.dinitial_states.ptr != nullptr)) {
+      const int ss = sb[u];  // seq(s)
+      if (s >= t0 || (t0 == 0 && p.dinitial_states.ptr != nullptr)) {
         float out[E];
         const int64_t j = s - L + W - 1;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
           float acc = 0.f;
 #pragma unroll
-          for (int k = 0; k < W; ++k) acc += (!kHasSeq || swin[W - 1 - k] == ss) ? w[k][i] * dzw[W - 1 - k][i] : 0.f;
+          for (int k = 0; k < W; ++k)
+            acc += (!kHasSeq || sb[W - 1 + u - k] == ss) ? w[k][i] * dzb[W - 1 + u - k][i] : 0.f;
           if (j >= 0 && ss == s_last) acc += state_at<T, float>(p.dfinal_states, b, c0 + i, j);
           out[i] = acc;
         }
@@ -247,7 +240,24 @@ __global__ __launch_bounds__(kClBwdThreads, 8) void bwd_cl_kernel(ConvParams p) 
             static_cast<T*>(di.ptr)[b * di.sb + (c0 + i) * di.sd + (W - 1 + s) * di.sl] = T(out[i]);
         }
       }
-      shift_window<W, E>(win, swin);
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        xb[j][i] = xb[U + j][i];
+        dzb[j][i] = dzb[U + j][i];
+      }
+      sb[j] = sb[U + j];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        xb[W - 1 + u][i] = nx[u][i];
+        gb[u][i] = ng[u][i];
+      }
+      sb[W - 1 + u] = ns[u];
     }
   }
   const int64_t part = b * gridDim.y + blockIdx.y;
@@ -313,11 +323,10 @@ void launch_bwd(ConvParams& p, BwdArgs& a, at::Tensor& dweight_part, at::Tensor&
   const int64_t rows = p.batch * p.dim;
   const int W = p.width;
   if (use_cf_fast_path<T>(p, {p.x, p.dout, p.dx})) {
-    dim3 grid(rows, ceil_div(p.seqlen, int64_t(kCfThreads) * kVecElems<T> * kCfVecs));
-    alloc_param_partials(a, p.batch * grid.y, dweight_part, dbias_part);
+    alloc_param_partials(a, p.batch, dweight_part, dbias_part);
     width_switch(W, [&](auto kW) {
       bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
-        bwd_cf_kernel<T, decltype(kW)::value, kCfVecs, decltype(kSeq)::value><<<grid, kCfThreads, 0, stream>>>(a.p);
+        bwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<rows, kCfThreads, 0, stream>>>(a.p);
       });
     });
   } else if (use_cl_fast_path<T, kClBwdElems>(p, {p.x, p.dout, p.dx})) {

@@ -143,9 +143,8 @@ at::Tensor update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Ten
                       const c10::optional<at::Tensor>& bias, bool silu,
                       const c10::optional<at::Tensor>& cache_seqlens,
                       const c10::optional<at::Tensor>& conv_state_indices) {
-  at::Tensor out;
-  UpdateParams p = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens,
-                                  conv_state_indices, out);
+  UpdateArgs a = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices);
+  const UpdateParams& p = a.p;
   if (conv_state_indices.has_value() && p.batch > 0) {
     const int64_t hi = conv_state_indices->max().item<int64_t>();
     TORCH_CHECK(hi < p.pool_size, "conv_state_indices must be < conv_state.size(0) = ",
@@ -153,7 +152,7 @@ at::Tensor update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Ten
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_update",
                                   [&] { update_kernel<scalar_t>(p); });
-  return out;
+  return a.out;
 }
 
 at::Tensor varlen_states_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens_in, int64_t state_len) {

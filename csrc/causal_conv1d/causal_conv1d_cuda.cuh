@@ -11,13 +11,13 @@
 namespace ssm_ext {
 namespace conv1d {
 
-constexpr int kCfThreads = 128;      // channel-first: threads per block (one row segment)
+constexpr int kCfThreads = 128;      // channel-first: threads per block (one row)
 constexpr int kClThreads = 128;      // channel-last forward: threads per block along D
 constexpr int kClSteps = 64;         // channel-last forward: time steps per thread
+constexpr int kClUnroll = 4;         // channel-last: steps loaded per group (one group prefetched)
 constexpr int kClBwdThreads = 64;    // channel-last backward
 constexpr int kClBwdSteps = 256;     // fewer, longer tiles: fewer dweight partials to sum
 constexpr int kClBwdElems = 4;       // channels per thread: 8 would need ~255 registers
-constexpr int kCfVecs = 2;           // channel-first: 16-byte vectors per thread
 
 template <typename F>
 void width_switch(int64_t w, F&& f) {
@@ -25,6 +25,21 @@ void width_switch(int64_t w, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
     default: f(std::integral_constant<int, 4>{}); break;  // callers only pass 2..4
+  }
+}
+
+// The decode kernel keeps its window in registers: widths 2..8.
+constexpr int kUpdateMaxWidth = 8;
+template <typename F>
+void update_width_switch(int64_t w, F&& f) {
+  switch (w) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -49,7 +64,6 @@ template <typename T>
 bool use_cf_fast_path(const ConvParams& p, std::initializer_list<View3> views) {
   constexpr int E = kVecElems<T>;
   if (p.channel_last || p.width > 4 || p.seqlen % E != 0) return false;
-  if (ceil_div(p.seqlen, int64_t(kCfThreads) * E * kCfVecs) > 65535) return false;
   for (const View3& v : views)
     if (v.sl != 1 || v.sd % E || v.sb % E || !aligned16(v.ptr)) return false;
   return true;
@@ -64,62 +78,119 @@ bool use_cl_fast_path(const ConvParams& p, std::initializer_list<View3> views) {
   return true;
 }
 
-template <int W>
-__device__ __forceinline__ void load_weights_fixed(const ConvParams& p, int64_t d, float (&w)[W], float& bias) {
+// Weights and bias (same dtype, see prepare_*) of channels [c0, c0+E) as fp32. One dtype
+// switch whose arm issues every load before converting: a conversion inside the arm would
+// make the thread wait for each load in turn. P: ConvParams or UpdateParams.
+template <typename WT, int W, int E, typename P>
+__device__ __forceinline__ void load_weights_typed(const P& p, int64_t c0, float (&w)[W][E], float (&bias)[E]) {
+  const WT* wp = static_cast<const WT*>(p.weight);
+  const WT* bp = static_cast<const WT*>(p.bias);
+  WT raw[W][E], rb[E];
 #pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = load_as<float>(p.weight, p.weight_dtype, d * p.weight_sd + k * p.weight_sw);
-  bias = p.bias == nullptr ? 0.f : load_as<float>(p.bias, p.bias_dtype, d * p.bias_sd);
+  for (int i = 0; i < E; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) raw[k][i] = wp[(c0 + i) * p.weight_sd + k * p.weight_sw];
+    rb[i] = bp == nullptr ? WT(0.f) : bp[(c0 + i) * p.bias_sd];
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[k][i] = float(raw[k][i]);
+    bias[i] = float(rb[i]);
+  }
 }
 
-// Channel-first window of one thread: xv[W-1+i] = x(t0+i) for its N = kVecs*E own steps,
-// xv[j] (j < W-1) = xe(t0-(W-1)+j) from the previous lane (lane 0 reads memory or the
-// initial states). sq likewise holds seq(.) when kHasSeq. Every lane must call this.
-template <typename T, int W, int kVecs, bool kHasSeq>
-__device__ __forceinline__ void load_cf_window(const ConvParams& p, const T* x, int64_t b, int64_t d,
-                                               int64_t t0, bool active, float* xv, int* sq) {
-  constexpr int E = kVecElems<T>, N = E * kVecs;
-#pragma unroll
-  for (int i = 0; i < N; ++i) xv[W - 1 + i] = 0.f;
-  if (active) {
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) load_vec(x + t0 + v * E, xv + W - 1 + v * E);
+template <int W, int E, typename P>
+__device__ __forceinline__ void load_weights_block(const P& p, int64_t c0, float (&w)[W][E], float (&bias)[E]) {
+  switch (p.weight_dtype) {
+    case Dtype::f16: load_weights_typed<c10::Half>(p, c0, w, bias); break;
+    case Dtype::bf16: load_weights_typed<c10::BFloat16>(p, c0, w, bias); break;
+    default: load_weights_typed<float>(p, c0, w, bias); break;
   }
-  if (kHasSeq) {
-    const int* s = p.seq_idx + b * p.seqlen + t0;
+}
+
+template <int W, typename P>
+__device__ __forceinline__ void load_weights_fixed(const P& p, int64_t d, float (&w)[W], float& bias) {
+  float wb[W][1], bb[1];
+  load_weights_block<W, 1>(p, d, wb, bb);
 #pragma unroll
-    for (int i = 0; i < N; i += 4) {
-      const int4 q = active ? *reinterpret_cast<const int4*>(s + i) : make_int4(-1, -1, -1, -1);
-      sq[W - 1 + i] = q.x; sq[W + i] = q.y; sq[W + 1 + i] = q.z; sq[W + 2 + i] = q.w;
+  for (int k = 0; k < W; ++k) w[k] = wb[k][0];
+  bias = bb[0];
+}
+
+// Channel-first: one block per (batch, channel) row walks L in chunks of kCfThreads * E
+// steps, one 16-byte vector per thread. CfLoads is what a thread reads for one chunk, raw,
+// so that the next chunk's loads are in flight while the current one is computed: its
+// vector (zeros past L), lane 0 the vector before it, and in the backward lane 31 the
+// vectors after it (x and dout), whose first W-1 steps belong to the next warp.
+template <typename T, int W, bool kHasSeq>
+struct CfLoads {
+  static constexpr int E = kVecElems<T>;
+  uint4 x, x_prev, x_next, g, g_next;
+  int s[kHasSeq ? E : 1], s_prev[W - 1], s_next[W - 1];
+};
+
+template <typename T, int W, bool kHasSeq, bool kBwd>
+__device__ __forceinline__ void cf_load(const ConvParams& p, const T* x, const T* g, const int* seq,
+                                        int64_t t, CfLoads<T, W, kHasSeq>& c) {
+  constexpr int E = kVecElems<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t L = p.seqlen;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const bool in = t < L;
+  c.x = in ? load_raw(x + t) : zero;
+  if (kBwd) c.g = in ? load_raw(g + t) : zero;
+  if (kHasSeq) {
+#pragma unroll
+    for (int i = 0; i < E; i += 4) {
+      const int4 q = in ? *reinterpret_cast<const int4*>(seq + t + i) : make_int4(-1, -1, -1, -1);
+      c.s[i] = q.x; c.s[i + 1] = q.y; c.s[i + 2] = q.z; c.s[i + 3] = q.w;
     }
   }
+  if (lane == 0 && t > 0 && in) {
+    c.x_prev = load_raw(x + t - E);
+    if (kHasSeq)
+#pragma unroll
+      for (int j = 0; j < W - 1; ++j) c.s_prev[j] = seq[t - (W - 1) + j];
+  }
+  if (kBwd && lane == 31) {
+    const bool next = t + E < L;  // then all E next steps exist (L % E == 0)
+    c.x_next = next ? load_raw(x + t + E) : zero;
+    c.g_next = next ? load_raw(g + t + E) : zero;
+    if (kHasSeq)
+#pragma unroll
+      for (int j = 0; j < W - 1; ++j) c.s_next[j] = next ? seq[t + E + j] : -1;
+  }
+}
+
+// xv[W-1+i] = x(t+i), xv[j] = xe(t-(W-1)+j); sq likewise for seq(.). init: the row's
+// initial states (thread 0 only). Every lane must call this (shuffles).
+template <typename T, int W, bool kHasSeq>
+__device__ __forceinline__ void cf_window(const CfLoads<T, W, kHasSeq>& c, int64_t t, const float* init,
+                                          float* xv, int* sq) {
+  constexpr int E = kVecElems<T>;
+  unpack<T>(c.x, xv + W - 1);
+  if (kHasSeq)
+#pragma unroll
+    for (int i = 0; i < E; ++i) sq[W - 1 + i] = c.s[i];
 #pragma unroll
   for (int j = 0; j < W - 1; ++j) {
-    xv[j] = __shfl_up_sync(0xffffffffu, xv[N + j], 1);
-    if (kHasSeq) sq[j] = __shfl_up_sync(0xffffffffu, sq[N + j], 1);
+    xv[j] = __shfl_up_sync(0xffffffffu, xv[E + j], 1);
+    if (kHasSeq) sq[j] = __shfl_up_sync(0xffffffffu, sq[E + j], 1);
   }
-  if ((threadIdx.x & 31) == 0 && active) {
-    if (t0 > 0) {
-      float prev[E];
-      load_vec(x + t0 - E, prev);
+  if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-      for (int j = 0; j < W - 1; ++j) {
-        xv[j] = prev[E - (W - 1) + j];
-        if (kHasSeq) sq[j] = p.seq_idx[b * p.seqlen + t0 - (W - 1) + j];
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < W - 1; ++j) {
-        xv[j] = state_at<T, float>(p.initial_states, b, d, j);
-        if (kHasSeq) sq[j] = sq[W - 1];
-      }
+    for (int j = 0; j < W - 1; ++j) {
+      xv[j] = t == 0 ? init[j] : unpack_one<T>(c.x_prev, E - (W - 1) + j);
+      if (kHasSeq) sq[j] = t == 0 ? sq[W - 1] : c.s_prev[j];  // before x: seq(0)
     }
   }
 }
 
-// Channel-last: the W-1 inputs before t0 for channels [c0, c0+E).
+// Channel-last: the W-1 inputs before t0 for channels [c0, c0+E), into win[0..W-2].
 template <typename T, int W, bool kHasSeq, int E>
 __device__ __forceinline__ void load_cl_halo(const ConvParams& p, int64_t b, int64_t c0, int64_t t0,
-                                             float (&win)[W][E], int (&swin)[W]) {
+                                             float (*win)[E], int* swin) {
 #pragma unroll
   for (int j = 0; j < W - 1; ++j) {
     const int64_t t = t0 - (W - 1) + j;
@@ -130,17 +201,6 @@ __device__ __forceinline__ void load_cl_halo(const ConvParams& p, int64_t b, int
       for (int i = 0; i < E; ++i) win[j][i] = state_at<T, float>(p.initial_states, b, c0 + i, W - 1 + t);
     }
     swin[j] = kHasSeq ? seq_at(p, b, t) : 0;
-  }
-  swin[W - 1] = 0;
-}
-
-template <int W, int E>
-__device__ __forceinline__ void shift_window(float (&win)[W][E], int (&swin)[W]) {
-#pragma unroll
-  for (int k = 0; k < W - 1; ++k) {
-#pragma unroll
-    for (int i = 0; i < E; ++i) win[k][i] = win[k + 1][i];
-    swin[k] = swin[k + 1];
   }
 }
 

@@ -8,91 +8,125 @@
 #include "causal_conv1d/causal_conv1d.h"
 #include "causal_conv1d/causal_conv1d_cuda.cuh"
 #include "causal_conv1d/causal_conv1d_math.h"
+#include "common/checks.h"
 #include "common/cuda_utils.cuh"
 
 namespace ssm_ext {
 namespace conv1d {
 namespace {
 
-// ---- channel-first (L contiguous): each thread owns kVecs * N consecutive time steps of one
-// row; the W-1 inputs before them come from the previous lane by shuffle (lane 0 reads them).
-template <typename T, int W, int kVecs, bool kHasSeq>
+// ---- channel-first (L contiguous): see CfLoads; weights are loaded once per row.
+template <typename T, int W, bool kHasSeq>
 __global__ __launch_bounds__(kCfThreads) void fwd_cf_kernel(ConvParams p) {
-  constexpr int N = kVecElems<T> * kVecs;
-  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim;
-  const int64_t t0 = (int64_t(blockIdx.y) * kCfThreads + threadIdx.x) * N;
-  const bool active = t0 < p.seqlen;
+  constexpr int E = kVecElems<T>;
+  constexpr int64_t kChunk = int64_t(kCfThreads) * E;
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
+  const int* seq = p.seq_idx + b * L;
+  T* o = static_cast<T*>(p.out.ptr) + b * p.out.sb + d * p.out.sd;
 
-  float xv[W - 1 + N];  // xv[W-1+i] = x[t0+i]
-  int sq[kHasSeq ? W - 1 + N : 1];
-  load_cf_window<T, W, kVecs, kHasSeq>(p, x, b, d, t0, active, xv, sq);
-  if (!active) return;
-
-  float w[W], bias;
+  CfLoads<T, W, kHasSeq> cur;
+  cf_load<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * E, cur);
+  float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
-  float out[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float acc = bias;
+  for (int j = 0; j < W - 1; ++j) init[j] = threadIdx.x == 0 ? state_at<T, float>(p.initial_states, b, d, j) : 0.f;
+
+  for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+    const int64_t t = c0 + int64_t(threadIdx.x) * E;
+    CfLoads<T, W, kHasSeq> nxt;
+    cf_load<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
+    float xv[W - 1 + E];
+    int sq[kHasSeq ? W - 1 + E : 1];
+    cf_window<T, W, kHasSeq>(cur, t, init, xv, sq);
+    if (t < L) {
+      float out[E];
 #pragma unroll
-    for (int k = 0; k < W; ++k) acc += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
-    if (p.silu) acc = silu_f(acc);
-    out[i] = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : acc;
+      for (int i = 0; i < E; ++i) {
+        float acc = bias;
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
+        if (p.silu) acc = silu_f(acc);
+        out[i] = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : acc;
+      }
+      store_vec(o + t, out);
+    }
+    cur = nxt;
   }
-  T* o = static_cast<T*>(p.out.ptr) + b * p.out.sb + d * p.out.sd + t0;
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) store_vec(o + v * kVecElems<T>, out + v * kVecElems<T>);
 }
 
-// ---- channel-last (D contiguous): each thread owns N channels and kClSteps time steps,
-// keeping the last W-1 inputs in registers; kUnroll loads are issued before use.
+// ---- channel-last (D contiguous): each thread owns E channels and kClSteps time steps.
+// buf holds, raw, the W-1 inputs before the current group of U steps and then the group;
+// the next group is loaded before the current one is computed, so loads stay in flight.
 template <typename T, int W, bool kHasSeq>
 __global__ __launch_bounds__(kClThreads) void fwd_cl_kernel(ConvParams p) {
-  constexpr int N = kVecElems<T>;
-  constexpr int kUnroll = 4;
-  const int64_t c0 = (int64_t(blockIdx.x) * kClThreads + threadIdx.x) * N;
+  constexpr int E = kVecElems<T>, U = kClUnroll;
+  const int64_t c0 = (int64_t(blockIdx.x) * kClThreads + threadIdx.x) * E;
   const int64_t t0 = int64_t(blockIdx.y) * kClSteps, b = blockIdx.z;
   if (c0 >= p.dim) return;
   const int64_t t_end = min(t0 + kClSteps, p.seqlen);
-
-  float w[W][N], bias[N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float wi[W];
-    load_weights_fixed<W>(p, c0 + i, wi, bias[i]);
-#pragma unroll
-    for (int k = 0; k < W; ++k) w[k][i] = wi[k];
-  }
-  float win[W][N];  // win[k] = x at t-(W-1)+k; win[W-1] is the current step
-  int swin[W];
-  load_cl_halo<T, W, kHasSeq>(p, b, c0, t0, win, swin);
-
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + c0;
+  const int* seq = p.seq_idx + b * p.seqlen;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+
+  uint4 buf[W - 1 + U];
+  int sbuf[W - 1 + U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    buf[W - 1 + u] = t0 + u < t_end ? load_raw(x + (t0 + u) * p.x.sl) : zero;
+    sbuf[W - 1 + u] = (kHasSeq && t0 + u < t_end) ? seq[t0 + u] : 0;
+  }
+#pragma unroll
+  for (int j = 0; j < W - 1; ++j) {
+    const int64_t t = t0 - (W - 1) + j;
+    if (t >= 0) {
+      buf[j] = load_raw(x + t * p.x.sl);
+    } else {  // before x: the initial states (or 0), packed like x
+      T* e = reinterpret_cast<T*>(&buf[j]);
+#pragma unroll
+      for (int i = 0; i < E; ++i) e[i] = T(state_at<T, float>(p.initial_states, b, c0 + i, W - 1 + t));
+    }
+    sbuf[j] = kHasSeq ? seq_at(p, b, t) : 0;
+  }
+  float w[W][E], bias[E];
+  load_weights_block<W, E>(p, c0, w, bias);
+
   T* o = static_cast<T*>(p.out.ptr) + b * p.out.sb + c0;
-  for (int64_t tb = t0; tb < t_end; tb += kUnroll) {
-    float cur[kUnroll][N];
+  for (int64_t tb = t0; tb < t_end; tb += U) {
+    uint4 nxt[U];
+    int snxt[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (tb + u < t_end) load_vec(x + (tb + u) * p.x.sl, cur[u]);
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = tb + U + u;
+      nxt[u] = t < t_end ? load_raw(x + t * p.x.sl) : zero;
+      snxt[u] = (kHasSeq && t < t_end) ? seq[t] : 0;
+    }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t t = tb + u;
       if (t >= t_end) break;
+      const int st = sbuf[W - 1 + u];
+      float out[E];
 #pragma unroll
-      for (int i = 0; i < N; ++i) win[W - 1][i] = cur[u][i];
-      if (kHasSeq) swin[W - 1] = p.seq_idx[b * p.seqlen + t];
-      float out[N];
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
+      for (int i = 0; i < E; ++i) {
         float acc = bias[i];
 #pragma unroll
-        for (int k = 0; k < W; ++k) acc += (!kHasSeq || swin[k] == swin[W - 1]) ? w[k][i] * win[k][i] : 0.f;
+        for (int k = 0; k < W; ++k)
+          acc += (!kHasSeq || sbuf[u + k] == st) ? w[k][i] * unpack_one<T>(buf[u + k], i) : 0.f;
         if (p.silu) acc = silu_f(acc);
-        out[i] = (kHasSeq && swin[W - 1] < 0) ? 0.f : acc;
+        out[i] = (kHasSeq && st < 0) ? 0.f : acc;
       }
       store_vec(o + t * p.out.sl, out);
-      shift_window<W, N>(win, swin);
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      buf[j] = buf[U + j];
+      sbuf[j] = sbuf[U + j];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      buf[W - 1 + u] = nxt[u];
+      sbuf[W - 1 + u] = snxt[u];
     }
   }
 }
@@ -126,11 +160,9 @@ void launch_fwd(ConvParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.dim;
   const int W = p.width;
   if (use_cf_fast_path<T>(p, {p.x, p.out})) {
-    constexpr int kVecs = kCfVecs;
-    dim3 grid(rows, ceil_div(p.seqlen, int64_t(kCfThreads) * kVecElems<T> * kVecs));
     width_switch(W, [&](auto kW) {
       bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
-        fwd_cf_kernel<T, decltype(kW)::value, kVecs, decltype(kSeq)::value><<<grid, kCfThreads, 0, stream>>>(p);
+        fwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<rows, kCfThreads, 0, stream>>>(p);
       });
     });
   } else if (use_cl_fast_path<T>(p, {p.x, p.out})) {
@@ -166,12 +198,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
   return {a.out, a.final_states};
 }
 
-// ---- decode: one thread per (batch, channel); reads the whole window before it writes the state.
-template <typename T, int kW>
+// ---- decode: one thread per (batch, channel). The W-1 inputs before token 0 are read once
+// into registers; outputs and the new state come from them, so no load waits on a store.
+template <typename T, int W>
 __global__ void update_kernel(UpdateParams p) {
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, b = blockIdx.y;
   if (d >= p.dim) return;
-  const int W = kW > 0 ? kW : int(p.width);
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
   T* out = static_cast<T*>(p.out.ptr) + b * p.out.sb + d * p.out.sd;
   const int64_t pool_row = p.conv_state_indices ? p.conv_state_indices[b] : b;
@@ -181,30 +213,50 @@ __global__ void update_kernel(UpdateParams p) {
   }
   CUDA_KERNEL_ASSERT(pool_row < p.pool_size && "conv_state_indices must be < conv_state.size(0)");
   T* state = static_cast<T*>(p.conv_state.ptr) + pool_row * p.conv_state.sb + d * p.conv_state.sd;
-  const int64_t S = p.state_len, ss = p.conv_state.sl;
-  // The W-1 inputs before token 0 start at `head - (W-1)` (mod S).
-  const int64_t head = p.cache_seqlens ? ((p.cache_seqlens[b] % S) + S) % S : S;
-  float w[kW > 0 ? kW : 1], bias = p.bias ? load_as<float>(p.bias, p.bias_dtype, d * p.bias_sd) : 0.f;
-  if (kW > 0) {
+  const int S = int(p.state_len), L = int(p.seqlen);
+  const int64_t ss = p.conv_state.sl;
+  // The W-1 inputs before token 0 start at head - (W-1), wrapped into [0, S).
+  const int head = p.cache_seqlens ? ((p.cache_seqlens[b] % S) + S) % S : S;
+  T keep[W - 1];  // the W-1 inputs before token 0, kept for the shifted state
 #pragma unroll
-    for (int k = 0; k < (kW > 0 ? kW : 1); ++k) w[k] = load_as<float>(p.weight, p.weight_dtype, d * p.weight_sd + k * p.weight_sw);
+  for (int i = 0; i < W - 1; ++i) {
+    const int j = head - (W - 1) + i;
+    keep[i] = state[(j < 0 ? j + S : j) * ss];
   }
-  auto weight = [&](int k) { return kW > 0 ? w[k] : load_as<float>(p.weight, p.weight_dtype, d * p.weight_sd + k * p.weight_sw); };
-  auto input = [&](int64_t i) {  // i in [-(W-1), L): the state before token 0, then x
-    return i >= 0 ? float(x[i * p.x.sl]) : float(state[(((head + i) % S) + S) % S * ss]);
-  };
-  for (int64_t t = 0; t < p.seqlen; ++t) {
+  const T x0 = x[0];
+  float w[W], bias;
+  load_weights_fixed<W>(p, d, w, bias);
+  float win[W];
+#pragma unroll
+  for (int i = 0; i < W - 1; ++i) win[i] = float(keep[i]);
+  int pos = head;  // circular buffer: where token t goes
+  for (int t = 0; t < L; ++t) {
+    const T xt = t == 0 ? x0 : x[t * p.x.sl];
+    win[W - 1] = float(xt);
     float acc = bias;
 #pragma unroll
-    for (int k = 0; k < W; ++k) acc += weight(k) * input(t - (W - 1) + k);
+    for (int k = 0; k < W; ++k) acc += w[k] * win[k];
     out[t * p.out.sl] = T(p.silu ? silu_f(acc) : acc);
+#pragma unroll
+    for (int k = 0; k < W - 1; ++k) win[k] = win[k + 1];
+    if (p.cache_seqlens) {
+      state[pos * ss] = xt;
+      pos = pos + 1 == S ? 0 : pos + 1;
+    }
   }
-  if (p.cache_seqlens) {
-    for (int64_t t = 0; t < p.seqlen; ++t) state[(head + t) % S * ss] = x[t * p.x.sl];
-  } else {  // shift left by L and append x; reads stay ahead of writes
-    for (int64_t i = 0; i < S; ++i) {
-      const int64_t src = i + p.seqlen;
-      state[i * ss] = src < S ? state[src * ss] : x[(src - S) * p.x.sl];
+  if (!p.cache_seqlens) {
+    // Shift left by L and append x: new[i] = old[i+L] (i+L < S) else x[i+L-S]. Old entries
+    // at or past S-(W-1) are in `keep`; earlier ones are read before being overwritten.
+    const T* old_tail = keep;
+    for (int i = 0; i < S; ++i) {
+      const int src = i + L;
+      T v;
+      if (src >= S) v = x[(src - S) * p.x.sl];
+      else if (src >= S - (W - 1)) {
+#pragma unroll
+        for (int j = 0; j < W - 1; ++j) if (src == S - (W - 1) + j) v = old_tail[j];
+      } else v = state[src * ss];
+      state[i * ss] = v;
     }
   }
 }
@@ -214,22 +266,19 @@ at::Tensor update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Te
                        const c10::optional<at::Tensor>& cache_seqlens,
                        const c10::optional<at::Tensor>& conv_state_indices) {
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out;
-  UpdateParams p = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out);
-  if (out.numel() == 0) return out;
+  UpdateArgs a = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices);
+  UpdateParams& p = a.p;
+  TORCH_CHECK(p.width <= kUpdateMaxWidth, "causal_conv1d_update on CUDA supports weight widths up to ",
+              kUpdateMaxWidth, ", got weight of shape ", shape_str(weight.sizes()));
+  if (a.out.numel() == 0) return a.out;
   dim3 grid(ceil_div(p.dim, 128), p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_io_dtype(x.scalar_type(), "causal_conv1d_update", [&](auto tag) {
     using T = decltype(tag);
-    switch (p.width) {
-      case 2: update_kernel<T, 2><<<grid, 128, 0, stream>>>(p); break;
-      case 3: update_kernel<T, 3><<<grid, 128, 0, stream>>>(p); break;
-      case 4: update_kernel<T, 4><<<grid, 128, 0, stream>>>(p); break;
-      default: update_kernel<T, 0><<<grid, 128, 0, stream>>>(p);
-    }
+    update_width_switch(p.width, [&](auto kW) { update_kernel<T, decltype(kW)::value><<<grid, 128, 0, stream>>>(p); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return a.out;
 }
 
 // ---- varlen states: offsets are clamped into [0, total] so bad offsets cannot read out of bounds.

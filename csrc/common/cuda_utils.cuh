@@ -41,6 +41,22 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
   *reinterpret_cast<V*>(p) = raw;
 }
 
+// Raw 16-byte vector <-> fp32 elements, for loads issued ahead of their use.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* p) { return *reinterpret_cast<const uint4*>(p); }
+
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float* out) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVecElems<T>; ++i) out[i] = float(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ float unpack_one(const uint4& raw, int i) {
+  return float(reinterpret_cast<const T*>(&raw)[i]);
+}
+
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
 // d silu(v) / dv
