@@ -70,14 +70,14 @@ Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
   check_ndim(x_in, "x", 3, "(batch, dim, seqlen)");
   check_input_dtype(x_in, "x");
   const int64_t B = x_in.size(0), D = x_in.size(1), L = x_in.size(2);
-  TORCH_CHECK(L >= 1, "x must have seqlen >= 1, got shape ", shape_str(x_in.sizes()));
+  TORCH_CHECK(L >= 1, msg("x must have seqlen >= 1, got shape ", shape_str(x_in.sizes())));
   check_ndim(weight, "weight", 2, "(dim, width)");
   check_same_device(weight, "weight", x_in, "x");
   check_input_dtype(weight, "weight");
-  TORCH_CHECK(weight.size(0) == D, "weight must have shape (dim, width) with dim = ", D,
-              " (x.size(1)), got ", shape_str(weight.sizes()));
-  TORCH_CHECK(weight.size(1) >= 2, "weight must have width >= 2, got shape ",
-              shape_str(weight.sizes()));
+  TORCH_CHECK(weight.size(0) == D, msg("weight must have shape (dim, width) with dim = ", D,
+              " (x.size(1)), got ", shape_str(weight.sizes())));
+  TORCH_CHECK(weight.size(1) >= 2, msg("weight must have width >= 2, got shape ",
+              shape_str(weight.sizes())));
   const int64_t W = weight.size(1);
   p.batch = B;
   p.dim = D;
@@ -196,16 +196,14 @@ UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
   check_ndim(weight, "weight", 2, "(dim, width)");
   check_same_device(weight, "weight", x, "x");
   check_input_dtype(weight, "weight");
-  TORCH_CHECK(weight.size(0) == D && weight.size(1) >= 2,
-              "weight must have shape (dim, width) with dim = ", D,
-              " (x.size(1)) and width >= 2, got ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.size(0) == D && weight.size(1) >= 2, msg("weight must have shape (dim, width) with dim = ", D,
+              " (x.size(1)) and width >= 2, got ", shape_str(weight.sizes())));
   const int64_t W = weight.size(1);
   check_ndim(conv_state, "conv_state", 3, "(batch, dim, state_len)");
   check_same_device(conv_state, "conv_state", x, "x");
   check_dtype(conv_state, "conv_state", x.scalar_type());
-  TORCH_CHECK(conv_state.size(1) == D && conv_state.size(2) >= W - 1,
-              "conv_state must have shape (batch, dim, state_len) with dim = ", D,
-              " and state_len >= width - 1 = ", W - 1, ", got ", shape_str(conv_state.sizes()));
+  TORCH_CHECK(conv_state.size(1) == D && conv_state.size(2) >= W - 1, msg("conv_state must have shape (batch, dim, state_len) with dim = ", D,
+              " and state_len >= width - 1 = ", W - 1, ", got ", shape_str(conv_state.sizes())));
   if (conv_state_indices.has_value()) {
     check_same_device(*conv_state_indices, "conv_state_indices", x, "x");
     check_dtype(*conv_state_indices, "conv_state_indices", at::kInt);
@@ -213,9 +211,9 @@ UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
     TORCH_CHECK(conv_state_indices->is_contiguous(), "conv_state_indices must be contiguous");
     p.conv_state_indices = conv_state_indices->data_ptr<int32_t>();
   } else {
-    TORCH_CHECK(conv_state.size(0) == B, "conv_state must have batch size ", B,
+    TORCH_CHECK(conv_state.size(0) == B, msg("conv_state must have batch size ", B,
                 " (x.size(0)) when conv_state_indices is None, got ",
-                shape_str(conv_state.sizes()));
+                shape_str(conv_state.sizes())));
   }
   if (cache_seqlens.has_value()) {
     check_same_device(*cache_seqlens, "cache_seqlens", x, "x");
@@ -248,10 +246,9 @@ void check_varlen_states(const at::Tensor& x, const at::Tensor& cu_seqlens, int6
   check_input_dtype(x, "x");
   check_ndim(cu_seqlens, "cu_seqlens", 1, "(nseq + 1,)");
   check_same_device(cu_seqlens, "cu_seqlens", x, "x");
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-              "cu_seqlens must have dtype int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, msg("cu_seqlens must have dtype int32 or int64, got ", cu_seqlens.scalar_type()));
   TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
-  TORCH_CHECK(state_len >= 1, "state_len must be >= 1, got ", state_len);
+  TORCH_CHECK(state_len >= 1, msg("state_len must be >= 1, got ", state_len));
 }
 
 }  // namespace conv1d

@@ -54,7 +54,8 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
   T* dx_row = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + d * p.dx.sd;
 
   CfLoads<T, W, kHasSeq> cur;
-  cf_load<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
+  cf_load_own<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
+  cf_load_neighbours<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
   float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
 #pragma unroll
@@ -66,8 +67,9 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 
   for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
     const int64_t t = c0 + int64_t(threadIdx.x) * E;
-    CfLoads<T, W, kHasSeq> nxt;
-    cf_load<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
+    CfLoads<T, W, kHasSeq> nxt;  // the next chunk, loaded while this one is computed
+    cf_load_own<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
+    cf_load_neighbours<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
     float xv[W - 1 + E];
     int sq[kHasSeq ? W - 1 + E : 1];
     cf_window<T, W, kHasSeq>(cur, t, init, xv, sq);
@@ -80,7 +82,7 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
       float pre = bias;
 #pragma unroll
       for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
-      const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : unpack_one<T>(cur.g, i);
+      const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : unpack_one<T>(cur.g[0], i);
       dz[i] = p.silu ? gi * dsilu_f(pre) : gi;
     }
 #pragma unroll
@@ -317,6 +319,44 @@ __global__ void bwd_params_generic_kernel(ConvParams p) {
   }
 }
 
+// dweight (D, W) and dbias (D,) = sums over the n_part partials, in a fixed order, written
+// in the weight's dtype: one launch instead of a sum and a cast for each.
+template <typename WT>
+__global__ void sum_partials_kernel(const float* dw_part, const float* db_part, int64_t n_part,
+                                    int64_t n_w, int64_t dim, WT* dweight, WT* dbias) {
+  const int64_t n = n_w + (dbias ? dim : 0);
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const bool is_w = e < n_w;
+    const float* src = is_w ? dw_part + e : db_part + (e - n_w);
+    const int64_t stride = is_w ? n_w : dim;
+    float acc = 0.f;
+    for (int64_t k = 0; k < n_part; ++k) acc += src[k * stride];
+    if (is_w) dweight[e] = WT(acc);
+    else dbias[e - n_w] = WT(acc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sum_partials_cuda(const at::Tensor& dweight_part, const at::Tensor& dbias_part,
+                                                     const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->scalar_type() != weight.scalar_type())
+    return finish_param_grads(dweight_part, dbias_part, weight, bias);  // rare: two dtypes
+  const int64_t n_part = dweight_part.size(0), dim = weight.size(0), n_w = dim * weight.size(1);
+  at::Tensor dweight = at::empty({dim, weight.size(1)}, weight.options());
+  at::Tensor dbias = at::empty({bias.has_value() ? dim : 0}, weight.options());
+  const int64_t n = n_w + (bias.has_value() ? dim : 0);
+  if (n == 0) return {dweight, dbias};
+  const unsigned grid = std::min<unsigned>(ceil_div(n, 256), 4096);
+  dispatch_io_dtype(weight.scalar_type(), "causal_conv1d_bwd (weight)", [&](auto tag) {
+    using WT = decltype(tag);
+    sum_partials_kernel<WT><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        dweight_part.data_ptr<float>(), dbias_part.data_ptr<float>(), n_part, n_w, dim,
+        static_cast<WT*>(dweight.data_ptr()), bias.has_value() ? static_cast<WT*>(dbias.data_ptr()) : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dweight, dbias};
+}
+
 template <typename T>
 void launch_bwd(ConvParams& p, BwdArgs& a, at::Tensor& dweight_part, at::Tensor& dbias_part,
                 cudaStream_t stream) {
@@ -363,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
       launch_bwd<decltype(tag)>(a.p, a, dweight_part, dbias_part, c10::cuda::getCurrentCUDAStream());
     });
   }
-  auto [dweight, dbias] = finish_param_grads(dweight_part, dbias_part, weight, bias);
+  auto [dweight, dbias] = sum_partials_cuda(dweight_part, dbias_part, weight, bias);
   return {a.dx, dweight, dbias, a.dinitial_states};
 }
 

@@ -147,8 +147,8 @@ at::Tensor update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Ten
   const UpdateParams& p = a.p;
   if (conv_state_indices.has_value() && p.batch > 0) {
     const int64_t hi = conv_state_indices->max().item<int64_t>();
-    TORCH_CHECK(hi < p.pool_size, "conv_state_indices must be < conv_state.size(0) = ",
-                p.pool_size, ", got ", hi);
+    TORCH_CHECK(hi < p.pool_size, msg("conv_state_indices must be < conv_state.size(0) = ",
+                p.pool_size, ", got ", hi));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_update",
                                   [&] { update_kernel<scalar_t>(p); });
@@ -160,11 +160,11 @@ at::Tensor varlen_states_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens_i
   const at::Tensor cu = cu_seqlens_in.to(at::kLong).contiguous();
   const int64_t nseq = cu.size(0) - 1, D = x.size(1), total = x.size(0);
   const int64_t* c = cu.data_ptr<int64_t>();
-  TORCH_CHECK(c[0] >= 0, "cu_seqlens must start at >= 0, got ", c[0]);
+  TORCH_CHECK(c[0] >= 0, msg("cu_seqlens must start at >= 0, got ", c[0]));
   for (int64_t i = 0; i < nseq; ++i)
-    TORCH_CHECK(c[i] <= c[i + 1], "cu_seqlens must be non-decreasing, got ", c[i], " then ", c[i + 1],
-                " at index ", i);
-  TORCH_CHECK(c[nseq] <= total, "cu_seqlens[-1] = ", c[nseq], " exceeds x.size(0) = ", total);
+    TORCH_CHECK(c[i] <= c[i + 1], msg("cu_seqlens must be non-decreasing, got ", c[i], " then ", c[i + 1],
+                " at index ", i));
+  TORCH_CHECK(c[nseq] <= total, msg("cu_seqlens[-1] = ", c[nseq], " exceeds x.size(0) = ", total));
   at::Tensor states = at::zeros({nseq, state_len, D}, x.options()).transpose(1, 2);
   for (int64_t i = 0; i < nseq; ++i) {
     const int64_t n = std::min(c[i + 1] - c[i], state_len);

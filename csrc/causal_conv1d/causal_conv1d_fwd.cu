@@ -16,41 +16,43 @@ namespace conv1d {
 namespace {
 
 // ---- channel-first (L contiguous): see CfLoads; weights are loaded once per row.
-template <typename T, int W, bool kHasSeq>
+template <typename T, int W, bool kHasSeq, int kVecs>
 __global__ __launch_bounds__(kCfThreads) void fwd_cf_kernel(ConvParams p) {
-  constexpr int E = kVecElems<T>;
-  constexpr int64_t kChunk = int64_t(kCfThreads) * E;
+  constexpr int E = kVecElems<T>, N = E * kVecs;
+  constexpr int64_t kChunk = int64_t(kCfThreads) * N;
   const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
   const int* seq = p.seq_idx + b * L;
   T* o = static_cast<T*>(p.out.ptr) + b * p.out.sb + d * p.out.sd;
 
-  CfLoads<T, W, kHasSeq> cur;
-  cf_load<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * E, cur);
+  CfLoads<T, W, kHasSeq, kVecs> cur;
+  cf_load_own<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * N, cur);
+  cf_load_neighbours<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * N, cur);
   float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
 #pragma unroll
   for (int j = 0; j < W - 1; ++j) init[j] = threadIdx.x == 0 ? state_at<T, float>(p.initial_states, b, d, j) : 0.f;
 
   for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-    const int64_t t = c0 + int64_t(threadIdx.x) * E;
-    CfLoads<T, W, kHasSeq> nxt;
-    cf_load<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
-    float xv[W - 1 + E];
-    int sq[kHasSeq ? W - 1 + E : 1];
+    const int64_t t = c0 + int64_t(threadIdx.x) * N;
+    CfLoads<T, W, kHasSeq, kVecs> nxt;  // the next chunk, loaded while this one is computed
+    cf_load_own<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
+    cf_load_neighbours<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
+    float xv[W - 1 + N];
+    int sq[kHasSeq ? W - 1 + N : 1];
     cf_window<T, W, kHasSeq>(cur, t, init, xv, sq);
-    if (t < L) {
-      float out[E];
+    float out[N];
 #pragma unroll
-      for (int i = 0; i < E; ++i) {
-        float acc = bias;
+    for (int i = 0; i < N; ++i) {
+      float acc = bias;
 #pragma unroll
-        for (int k = 0; k < W; ++k) acc += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
-        if (p.silu) acc = silu_f(acc);
-        out[i] = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : acc;
-      }
-      store_vec(o + t, out);
+      for (int k = 0; k < W; ++k) acc += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
+      if (p.silu) acc = silu_f(acc);
+      out[i] = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : acc;
     }
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v)
+      if (t + v * E < L) store_vec(o + t + v * E, out + v * E);
     cur = nxt;
   }
 }
@@ -162,7 +164,7 @@ void launch_fwd(ConvParams& p, cudaStream_t stream) {
   if (use_cf_fast_path<T>(p, {p.x, p.out})) {
     width_switch(W, [&](auto kW) {
       bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
-        fwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<rows, kCfThreads, 0, stream>>>(p);
+        fwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value, kCfVecs><<<rows, kCfThreads, 0, stream>>>(p);
       });
     });
   } else if (use_cl_fast_path<T>(p, {p.x, p.out})) {
@@ -268,8 +270,8 @@ at::Tensor update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   UpdateArgs a = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices);
   UpdateParams& p = a.p;
-  TORCH_CHECK(p.width <= kUpdateMaxWidth, "causal_conv1d_update on CUDA supports weight widths up to ",
-              kUpdateMaxWidth, ", got weight of shape ", shape_str(weight.sizes()));
+  TORCH_CHECK(p.width <= kUpdateMaxWidth, msg("causal_conv1d_update on CUDA supports weight widths up to ",
+              kUpdateMaxWidth, ", got weight of shape ", shape_str(weight.sizes())));
   if (a.out.numel() == 0) return a.out;
   dim3 grid(ceil_div(p.dim, 128), p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -1,0 +1,131 @@
+"""`python -m ssm_ext.demo`: run every op family on CUDA (when built and present) or the CPU,
+check each against its float64 reference, and time it at a moderate size.
+
+Each family is one function in FAMILIES taking a `Demo`; it calls `demo.check` and `demo.time`.
+Exit code 1 when any check fails.
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+import ssm_ext
+from ssm_ext.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssm_ext.reference import causal_conv1d as ref_conv
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+class Demo:
+    def __init__(self, device):
+        self.device, self.cuda = device, device == "cuda"
+        self.dtypes = [torch.float32, torch.bfloat16] if self.cuda else [torch.float32]
+        self.bench_dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.failures = 0
+
+    def randn(self, *shape, dtype=torch.float32, channel_last=False):
+        """(b, D, L)-shaped tensor; channel_last makes it D-contiguous."""
+        if channel_last:
+            shape = shape[:-2] + (shape[-1], shape[-2])
+        t = torch.randn(*shape, dtype=dtype, device=self.device)
+        return t.transpose(-1, -2) if channel_last else t
+
+    def check(self, name, got, want, tol):
+        got, want = got.detach().double().cpu(), want.detach().double().cpu()
+        err = (got - want).norm().item() / max(want.norm().item(), 1e-30)
+        ok = got.shape == want.shape and err <= tol
+        self.failures += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {name:<56} rel err {err:.1e} (tol {tol:.0e})")
+
+    def time(self, name, fn, reps=10, warmup=3):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(); fn(); end.record(); end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter(); fn(); times.append((time.perf_counter() - t0) * 1e6)
+        print(f"  time  {name:<56} {statistics.median(times):10.1f} us")
+
+
+def causal_conv1d(d):
+    b, D, L, W = 2, 64, 97, 4
+    print(f"  checks: x ({b}, {D}, {L}), width {W}, bias, silu, seq_idx, initial_states")
+    for dtype in d.dtypes:
+        tol = TOL[dtype]
+        for cl in (False, True):
+            tag = f"{str(dtype)[6:]} {'channel-last' if cl else 'channel-first'}"
+            x = d.randn(b, D, L, dtype=dtype, channel_last=cl).requires_grad_()
+            w = d.randn(D, W, dtype=dtype).requires_grad_()
+            bias = d.randn(D, dtype=dtype).requires_grad_()
+            init = d.randn(b, D, W - 1, dtype=dtype, channel_last=cl).requires_grad_()
+            seq = (torch.rand(b, L, device=d.device) < 0.05).cumsum(1).int()
+            out, final = causal_conv1d_fn(x, w, bias, seq, init, return_final_states=True, activation="silu")
+            gout, gfinal = torch.randn_like(out), torch.randn_like(final)
+            grads = torch.autograd.grad([out, final], [x, w, bias, init], [gout, gfinal])
+            leaves = [t.detach().double().requires_grad_() for t in (x, w, bias, init)]
+            r_out, r_final = ref_conv.causal_conv1d(leaves[0], leaves[1], leaves[2], seq, leaves[3], "silu")
+            r_grads = torch.autograd.grad([r_out, r_final], leaves, [gout.double(), gfinal.double()])
+            d.check(f"causal_conv1d_fn {tag} out", out, r_out, tol)
+            d.check(f"causal_conv1d_fn {tag} final_states", final, r_final, 0.0)
+            for n, g, rg in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, r_grads):
+                d.check(f"causal_conv1d_fn {tag} {n}", g, rg, tol)
+        # prefill with return_final_states, then decode token by token from the returned state
+        steps = 5
+        x = d.randn(b, D, L + steps, dtype=dtype)
+        w, bias = d.randn(D, W, dtype=dtype), d.randn(D, dtype=dtype)
+        out, state = causal_conv1d_fn(x[..., :L], w, bias, return_final_states=True, activation="silu")
+        ys = [causal_conv1d_update(x[..., L + t], state, w, bias, "silu") for t in range(steps)]
+        r_out, r_final = ref_conv.causal_conv1d(x, w, bias, activation="silu")
+        d.check(f"prefill + {steps} x causal_conv1d_update {str(dtype)[6:]} out",
+                torch.cat([out, torch.stack(ys, -1)], -1), r_out, tol)
+        d.check(f"prefill + {steps} x causal_conv1d_update {str(dtype)[6:]} conv_state", state, r_final, 0.0)
+        lens = torch.tensor([0, 1, 7, 40, 3])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).to(d.device)
+        xv = d.randn(int(lens.sum()), D, dtype=dtype)
+        d.check(f"causal_conv1d_varlen_states {str(dtype)[6:]}", causal_conv1d_varlen_states(xv, cu, 6),
+                ref_conv.causal_conv1d_varlen_states(xv, cu, 6), 0.0)
+
+    # timings at a moderate size
+    dt = d.bench_dtype
+    b, D, L = (4, 2048, 4096) if d.cuda else (2, 256, 512)
+    print(f"  timings: x ({b}, {D}, {L}) {str(dt)[6:]}, width {W}, bias, silu")
+    w, bias = d.randn(D, W, dtype=dt).requires_grad_(), d.randn(D, dtype=dt).requires_grad_()
+    for cl in (False, True):
+        layout = "channel-last" if cl else "channel-first"
+        x = d.randn(b, D, L, dtype=dt, channel_last=cl).requires_grad_()
+        gout = torch.randn_like(x)
+        d.time(f"causal_conv1d_fn {layout} fwd", lambda: causal_conv1d_fn(x, w, bias, activation="silu"))
+        d.time(f"causal_conv1d_fn {layout} fwd+bwd", lambda: torch.autograd.grad(
+            causal_conv1d_fn(x, w, bias, activation="silu"), [x, w, bias], gout))
+    bu, Du = (64, 8192) if d.cuda else (8, 512)
+    xu, state = d.randn(bu, Du, dtype=dt), d.randn(bu, Du, W - 1, dtype=dt)
+    wu, bu_ = d.randn(Du, W, dtype=dt), d.randn(Du, dtype=dt)
+    d.time(f"causal_conv1d_update ({bu}, {Du})", lambda: causal_conv1d_update(xu, state, wu, bu_, "silu"))
+
+
+FAMILIES = [causal_conv1d]
+
+
+def main():
+    cuda = torch.cuda.is_available() and ssm_ext.has_cuda_kernels()
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"ssm_ext {ssm_ext.__version__}, torch {torch.__version__}, device: {device} ({name})")
+    if torch.cuda.is_available() and not cuda:
+        print("note: a GPU is present but ssm_ext was built without CUDA kernels; running on the CPU")
+    torch.manual_seed(0)
+    demo = Demo(device)
+    for family in FAMILIES:
+        print(f"\n{family.__name__}")
+        family(demo)
+    print(f"\n{'all checks passed' if demo.failures == 0 else f'{demo.failures} check(s) FAILED'}")
+    return 1 if demo.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
