@@ -837,3 +837,38 @@ def test_bad_input_cuda_only():
     with pytest.raises(ERRORS, match="conv_state"):
         causal_conv1d_update(torch.randn(_B, _D, device="cuda"), torch.randn(_B, _D, _W - 1),
                              torch.randn(_D, _W, device="cuda"))
+
+
+def test_causal_conv1d_module(device):
+    """CausalConv1d: forward equals the functional op; prefill + step() equals the full sequence."""
+    from ssm_ext.causal_conv1d import CausalConv1d
+
+    b, D, L, W = 2, 24, 13, 4
+    conv = CausalConv1d(D, width=W, activation="silu", device=device)
+    x = torch.randn(b, D, L, device=device)
+    full = conv(x)
+    ref_out, _ = ref.causal_conv1d(x, conv.weight.detach(), conv.bias.detach(), None, None, "silu")
+    assert_rel(full, ref_out, 1e-5, "module forward")
+    _, state = causal_conv1d_fn(x[..., :-3], conv.weight, conv.bias, activation="silu", return_final_states=True)
+    state = state.detach().contiguous()
+    steps = torch.stack([conv.step(x[..., t], state) for t in range(L - 3, L)], dim=-1)
+    assert_rel(steps, full[..., -3:].detach(), 1e-5, "module step")
+    full.sum().backward()
+    assert conv.weight.grad is not None and conv.bias.grad is not None
+
+
+@pytest.mark.parametrize("channel_last", [False, True], ids=["contig", "chlast"])
+def test_deterministic(device, channel_last):
+    """Same inputs give bitwise the same outputs and gradients (no atomics anywhere)."""
+    b, D, L, W = 3, 64, 1000, 4
+    x = make_x(b, D, L, torch.bfloat16, device, channel_last).requires_grad_()
+    w = torch.randn(D, W, device=device, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(b, D, L, device=device, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = causal_conv1d_fn(x, w, bias, activation="silu")
+        grads = torch.autograd.grad(out, (x, w, bias), g)
+        runs.append((out, *grads))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)

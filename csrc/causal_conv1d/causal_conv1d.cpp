@@ -43,11 +43,6 @@ at::Tensor empty_in_layout(int64_t b, int64_t d, int64_t l, bool channel_last,
   return channel_last ? at::empty({b, l, d}, opts).transpose(1, 2) : at::empty({b, d, l}, opts);
 }
 
-struct Common {
-  at::Tensor x, seq_idx, bias;
-  bool channel_last;
-};
-
 // Checks bias (dim,) and returns it in the weight's dtype.
 template <typename P>
 at::Tensor set_bias(P& p, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
@@ -63,10 +58,11 @@ at::Tensor set_bias(P& p, const c10::optional<at::Tensor>& bias, const at::Tenso
   return b;
 }
 
-Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
-                    const c10::optional<at::Tensor>& bias,
-                    const c10::optional<at::Tensor>& seq_idx,
-                    const c10::optional<at::Tensor>& initial_states, ConvParams& p) {
+// Checks what the forward and backward share and fills a.x, a.seq_idx, a.bias and a.p.
+void check_common(ConvArgs& a, const at::Tensor& x_in, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& seq_idx,
+                  const c10::optional<at::Tensor>& initial_states, bool silu) {
+  ConvParams& p = a.p;
   check_ndim(x_in, "x", 3, "(batch, dim, seqlen)");
   check_input_dtype(x_in, "x");
   const int64_t B = x_in.size(0), D = x_in.size(1), L = x_in.size(2);
@@ -87,14 +83,13 @@ Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
   p.weight_sd = weight.stride(0);
   p.weight_sw = weight.stride(1);
   p.weight_dtype = dtype_of(weight);
-  Common c;
-  c.bias = set_bias(p, bias, weight, x_in);
+  a.bias = set_bias(p, bias, weight, x_in);
   if (seq_idx.has_value()) {
     check_same_device(*seq_idx, "seq_idx", x_in, "x");
     check_dtype(*seq_idx, "seq_idx", at::kInt);
     check_shape(*seq_idx, "seq_idx", {B, L}, "(batch, seqlen)");
-    c.seq_idx = seq_idx->contiguous();
-    p.seq_idx = c.seq_idx.data_ptr<int32_t>();
+    a.seq_idx = seq_idx->contiguous();
+    p.seq_idx = a.seq_idx.data_ptr<int32_t>();
   }
   if (initial_states.has_value()) {
     check_same_device(*initial_states, "initial_states", x_in, "x");
@@ -102,11 +97,10 @@ Common check_common(const at::Tensor& x_in, const at::Tensor& weight,
     check_shape(*initial_states, "initial_states", {B, D, W - 1}, "(batch, dim, width - 1)");
     p.initial_states = view3(*initial_states);
   }
-  c.channel_last = is_channel_last(x_in);
-  c.x = normalise_layout(x_in, c.channel_last);
-  p.channel_last = c.channel_last;
-  p.x = view3(c.x);
-  return c;
+  p.channel_last = is_channel_last(x_in);
+  p.silu = silu;
+  a.x = normalise_layout(x_in, p.channel_last);
+  p.x = view3(a.x);
 }
 
 }  // namespace
@@ -117,16 +111,12 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& initial_states, bool return_final_states,
                     bool silu) {
   FwdArgs a;
-  Common c = check_common(x, weight, bias, seq_idx, initial_states, a.p);
-  a.p.silu = silu;
-  a.x = c.x;
-  a.seq_idx = c.seq_idx;
-  a.bias = c.bias;
+  check_common(a, x, weight, bias, seq_idx, initial_states, silu);
   const auto& p = a.p;
-  a.out = empty_in_layout(p.batch, p.dim, p.seqlen, c.channel_last, x.options());
+  a.out = empty_in_layout(p.batch, p.dim, p.seqlen, p.channel_last, x.options());
   a.p.out = view3(a.out);
   a.final_states = return_final_states
-                       ? empty_in_layout(p.batch, p.dim, p.width - 1, c.channel_last, x.options())
+                       ? empty_in_layout(p.batch, p.dim, p.width - 1, p.channel_last, x.options())
                        : at::empty({0}, x.options());
   a.p.final_states = view3(a.final_states);
   return a;
@@ -138,16 +128,12 @@ BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& initial_states, const at::Tensor& dout,
                     const c10::optional<at::Tensor>& dfinal_states, bool silu) {
   BwdArgs a;
-  Common c = check_common(x, weight, bias, seq_idx, initial_states, a.p);
-  a.p.silu = silu;
-  a.x = c.x;
-  a.seq_idx = c.seq_idx;
-  a.bias = c.bias;
+  check_common(a, x, weight, bias, seq_idx, initial_states, silu);
   const auto& p = a.p;
   check_same_device(dout, "dout", x, "x");
   check_dtype(dout, "dout", x.scalar_type());
   check_shape(dout, "dout", {p.batch, p.dim, p.seqlen}, "(batch, dim, seqlen)");
-  a.dout = normalise_layout(dout, c.channel_last);
+  a.dout = normalise_layout(dout, p.channel_last);
   a.p.dout = view3(a.dout);
   if (dfinal_states.has_value()) {
     check_same_device(*dfinal_states, "dfinal_states", x, "x");
@@ -156,10 +142,10 @@ BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& weight,
                 "(batch, dim, width - 1)");
     a.p.dfinal_states = view3(*dfinal_states);
   }
-  a.dx = empty_in_layout(p.batch, p.dim, p.seqlen, c.channel_last, x.options());
+  a.dx = empty_in_layout(p.batch, p.dim, p.seqlen, p.channel_last, x.options());
   a.p.dx = view3(a.dx);
   a.dinitial_states = initial_states.has_value()
-                          ? empty_in_layout(p.batch, p.dim, p.width - 1, c.channel_last, x.options())
+                          ? empty_in_layout(p.batch, p.dim, p.width - 1, p.channel_last, x.options())
                           : at::empty({0}, x.options());
   a.p.dinitial_states = view3(a.dinitial_states);
   return a;

@@ -55,15 +55,17 @@ struct UpdateParams {
 Dtype dtype_of(const at::Tensor& t);
 View3 view3(const at::Tensor& t);
 
-// Validated, layout-normalised arguments and freshly allocated outputs.
-// Kernels read bias in the weight's dtype: `bias` holds the cast copy when they differ.
-struct FwdArgs {
-  at::Tensor x, out, final_states, seq_idx, bias;
+// Validated, layout-normalised arguments and freshly allocated outputs. Kernels read bias
+// in the weight's dtype: `bias` holds the cast copy when they differ.
+struct ConvArgs {
+  at::Tensor x, seq_idx, bias;
   ConvParams p;
 };
-struct BwdArgs {
-  at::Tensor x, dout, dx, dinitial_states, seq_idx, bias;
-  ConvParams p;
+struct FwdArgs : ConvArgs {
+  at::Tensor out, final_states;
+};
+struct BwdArgs : ConvArgs {
+  at::Tensor dout, dx, dinitial_states;
 };
 
 FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
