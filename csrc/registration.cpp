@@ -18,4 +18,10 @@ TORCH_LIBRARY(ssm_ext, m) {
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
         "bool silu, Tensor? cache_seqlens, Tensor? conv_state_indices) -> Tensor");
   m.def("causal_conv1d_varlen_states(Tensor x, Tensor cu_seqlens, int state_len) -> Tensor");
+
+  // first-order scan h_t = a_t*h_{t-1} + b_t*x_t, y_t = c_t*h_t (csrc/scan)
+  m.def("scan_fwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, bool store_states, "
+        "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("scan_bwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, Tensor? states, "
+        "Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -76,3 +76,48 @@ def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
 @torch.library.register_fake("ssm_ext::causal_conv1d_varlen_states")
 def _(x, cu_seqlens, state_len):
     return x.new_empty(cu_seqlens.shape[0] - 1, state_len, x.shape[1]).transpose(1, 2)
+
+
+# ---------------------------------------------------------------- first-order scan
+
+def _scan_state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ssm_ext::scan_fwd")
+def _(x, a, b, c, initial_state, store_states, out_dtype):
+    sd = _scan_state_dtype(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
+    final = x.new_empty(x.shape[0], x.shape[2], dtype=sd)
+    states = torch.empty_like(x, dtype=sd) if store_states else x.new_empty(0, dtype=sd)
+    return y, final, states
+
+
+@torch.library.register_fake("ssm_ext::scan_bwd")
+def _(x, a, b, c, initial_state, states, dy, dfinal_state):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(a), like(b), like(c), dinit
+
+
+def _scan_setup_context(ctx, inputs, output):
+    x, a, b, c, initial_state, store_states, out_dtype = inputs
+    _, _, states = output
+    ctx.save_for_backward(x, a, b, c, initial_state, states if store_states else None)
+    ctx.mark_non_differentiable(states)
+    ctx.set_materialize_grads(False)
+
+
+def _scan_backward(ctx, dy, dfinal, _dstates):
+    x, a, b, c, initial_state, states = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    if dfinal is not None:
+        dfinal = dfinal.to(_scan_state_dtype(x))
+    dx, da, db, dc, dinit = ops.scan_bwd(x, a, b, c, initial_state, states, dy, dfinal)
+    return (dx, da, db if b is not None else None, dc if c is not None else None,
+            dinit if initial_state is not None else None, None, None)
+
+
+torch.library.register_autograd("ssm_ext::scan_fwd", _scan_backward, setup_context=_scan_setup_context)

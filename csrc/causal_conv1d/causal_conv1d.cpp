@@ -6,25 +6,6 @@
 namespace ssm_ext {
 namespace conv1d {
 
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return Dtype::f16;
-    case at::kBFloat16: return Dtype::bf16;
-    case at::kDouble: return Dtype::f64;
-    default: return Dtype::f32;
-  }
-}
-
-View3 view3(const at::Tensor& t) {
-  View3 v;
-  if (!t.defined() || t.numel() == 0) return v;
-  v.ptr = t.data_ptr();
-  v.sb = t.stride(0);
-  v.sd = t.stride(1);
-  v.sl = t.stride(2);
-  return v;
-}
-
 namespace {
 
 // Channel-last when D has stride 1 and L does not; anything else that is not L-contiguous
@@ -95,12 +76,12 @@ void check_common(ConvArgs& a, const at::Tensor& x_in, const at::Tensor& weight,
     check_same_device(*initial_states, "initial_states", x_in, "x");
     check_dtype(*initial_states, "initial_states", x_in.scalar_type());
     check_shape(*initial_states, "initial_states", {B, D, W - 1}, "(batch, dim, width - 1)");
-    p.initial_states = view3(*initial_states);
+    p.initial_states = view_bdl(*initial_states);
   }
   p.channel_last = is_channel_last(x_in);
   p.silu = silu;
   a.x = normalise_layout(x_in, p.channel_last);
-  p.x = view3(a.x);
+  p.x = view_bdl(a.x);
 }
 
 }  // namespace
@@ -114,11 +95,11 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& weight,
   check_common(a, x, weight, bias, seq_idx, initial_states, silu);
   const auto& p = a.p;
   a.out = empty_in_layout(p.batch, p.dim, p.seqlen, p.channel_last, x.options());
-  a.p.out = view3(a.out);
+  a.p.out = view_bdl(a.out);
   a.final_states = return_final_states
                        ? empty_in_layout(p.batch, p.dim, p.width - 1, p.channel_last, x.options())
                        : at::empty({0}, x.options());
-  a.p.final_states = view3(a.final_states);
+  a.p.final_states = view_bdl(a.final_states);
   return a;
 }
 
@@ -134,20 +115,20 @@ BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& weight,
   check_dtype(dout, "dout", x.scalar_type());
   check_shape(dout, "dout", {p.batch, p.dim, p.seqlen}, "(batch, dim, seqlen)");
   a.dout = normalise_layout(dout, p.channel_last);
-  a.p.dout = view3(a.dout);
+  a.p.dout = view_bdl(a.dout);
   if (dfinal_states.has_value()) {
     check_same_device(*dfinal_states, "dfinal_states", x, "x");
     check_dtype(*dfinal_states, "dfinal_states", x.scalar_type());
     check_shape(*dfinal_states, "dfinal_states", {p.batch, p.dim, p.width - 1},
                 "(batch, dim, width - 1)");
-    a.p.dfinal_states = view3(*dfinal_states);
+    a.p.dfinal_states = view_bdl(*dfinal_states);
   }
   a.dx = empty_in_layout(p.batch, p.dim, p.seqlen, p.channel_last, x.options());
-  a.p.dx = view3(a.dx);
+  a.p.dx = view_bdl(a.dx);
   a.dinitial_states = initial_states.has_value()
                           ? empty_in_layout(p.batch, p.dim, p.width - 1, p.channel_last, x.options())
                           : at::empty({0}, x.options());
-  a.p.dinitial_states = view3(a.dinitial_states);
+  a.p.dinitial_states = view_bdl(a.dinitial_states);
   return a;
 }
 
@@ -221,9 +202,9 @@ UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
   p.weight_sw = weight.stride(1);
   p.weight_dtype = dtype_of(weight);
   a.out = at::empty({B, D, L}, x.options());
-  p.x = view3(x);
-  p.out = view3(a.out);
-  p.conv_state = view3(conv_state);
+  p.x = view_bdl(x);
+  p.out = view_bdl(a.out);
+  p.conv_state = view_bdl(conv_state);
   return a;
 }
 

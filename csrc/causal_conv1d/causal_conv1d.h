@@ -5,15 +5,10 @@
 #include <tuple>
 
 #include "common/load.h"
+#include "common/view.h"
 
 namespace ssm_ext {
 namespace conv1d {
-
-// A (batch, channel, time) view: element (b, d, t) lives at ptr[b*sb + d*sd + t*sl].
-struct View3 {
-  void* ptr = nullptr;
-  int64_t sb = 0, sd = 0, sl = 0;
-};
 
 struct ConvParams {
   int64_t batch = 0, dim = 0, seqlen = 0, width = 0;
@@ -52,8 +47,6 @@ struct UpdateParams {
   int64_t pool_size = 0;                        // conv_state.size(0)
 };
 
-Dtype dtype_of(const at::Tensor& t);
-View3 view3(const at::Tensor& t);
 
 // Validated, layout-normalised arguments and freshly allocated outputs. Kernels read bias
 // in the weight's dtype: `bias` holds the cast copy when they differ.

@@ -1,0 +1,2 @@
+"""Twin of `quick_ssm.layers`."""
+from ssm_ext.scan import RMSNorm, SSM  # noqa: F401
