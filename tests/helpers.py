@@ -49,3 +49,12 @@ def make_seq_idx(b, L, device="cpu", padding=True, max_run=6):
 
 def tol_for(dtype):
     return 1e-5 if dtype == torch.float32 else (1e-10 if dtype == torch.float64 else 1e-2)
+
+
+def schema_args(op, values):
+    """Positional arguments for `op` in its schema order, taken by name from `values`, so that
+    opcheck tests follow the registered schema."""
+    names = [a.name for a in op._schema.arguments]
+    missing = [n for n in names if n not in values]
+    assert not missing, f"{op}: no test value for schema arguments {missing}"
+    return tuple(values[n] for n in names)

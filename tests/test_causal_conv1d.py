@@ -18,7 +18,7 @@ from ssm_ext.causal_conv1d import (
 )
 from ssm_ext.reference import causal_conv1d as ref
 
-from helpers import assert_rel, make_seq_idx, make_x, tol_for
+from helpers import assert_rel, make_seq_idx, make_x, schema_args, tol_for
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ERRORS = (RuntimeError, ValueError, NotImplementedError)
@@ -385,15 +385,6 @@ FWD_COMBOS = [  # (bias, seq, init, silu, channel_last, return_final_states)
 ]
 
 
-def _schema_args(op, values):
-    """Positional arguments for `op` in its schema order, taken by name from `values` (so the
-    test follows the registered schema, e.g. whether causal_conv1d_fwd takes return_final_states)."""
-    names = [a.name for a in op._schema.arguments]
-    missing = [n for n in names if n not in values]
-    assert not missing, f"{op}: no test value for schema arguments {missing}"
-    return tuple(values[n] for n in names)
-
-
 @pytest.mark.parametrize("bias_on,seq_on,init_on,silu,channel_last,ret_final", FWD_COMBOS)
 def test_opcheck_fwd(device, bias_on, seq_on, init_on, silu, channel_last, ret_final):
     b, D, L, W = 2, 6, 9, 4
@@ -403,7 +394,7 @@ def test_opcheck_fwd(device, bias_on, seq_on, init_on, silu, channel_last, ret_f
     seq = make_seq_idx(b, L, device) if seq_on else None
     init = _make_init(b, D, W, F32, device, channel_last).requires_grad_() if init_on else None
     op = torch.ops.ssm_ext.causal_conv1d_fwd.default
-    args = _schema_args(op, dict(x=x, weight=w, bias=bias, seq_idx=seq, initial_states=init,
+    args = schema_args(op, dict(x=x, weight=w, bias=bias, seq_idx=seq, initial_states=init,
                                  return_final_states=ret_final, silu=silu))
     torch.library.opcheck(op, args)
 
@@ -419,7 +410,7 @@ def test_opcheck_bwd(device, bias_on, seq_on, init_on, silu, channel_last, ret_f
     dout = torch.randn_like(x)
     dfs = _make_init(b, D, W, F32, device, channel_last) if ret_final else None
     op = torch.ops.ssm_ext.causal_conv1d_bwd.default
-    args = _schema_args(op, dict(x=x, weight=w, bias=bias, seq_idx=seq, initial_states=init, dout=dout,
+    args = schema_args(op, dict(x=x, weight=w, bias=bias, seq_idx=seq, initial_states=init, dout=dout,
                                  dfinal_states=dfs, silu=silu))
     torch.library.opcheck(op, args)
 
@@ -441,7 +432,7 @@ def test_opcheck_update(device, bias_on, silu, circular, indices, l):
     cs = torch.tensor([0, 4, 11], dtype=torch.int32, device=device) if circular else None
     idx = torch.tensor([4, -1, 1], dtype=torch.int32, device=device) if indices else None
     op = torch.ops.ssm_ext.causal_conv1d_update.default
-    args = _schema_args(op, dict(x=x, conv_state=conv_state, weight=w, bias=bias, silu=silu,
+    args = schema_args(op, dict(x=x, conv_state=conv_state, weight=w, bias=bias, silu=silu,
                                  cache_seqlens=cs, conv_state_indices=idx))
     torch.library.opcheck(op, args)
 
@@ -451,7 +442,7 @@ def test_opcheck_varlen_states(device, cu_dtype):
     x = torch.randn(12, 6, device=device)
     cu = torch.tensor([0, 2, 2, 9, 12], dtype=cu_dtype, device=device)
     op = torch.ops.ssm_ext.causal_conv1d_varlen_states.default
-    torch.library.opcheck(op, _schema_args(op, dict(x=x, cu_seqlens=cu, state_len=4)))
+    torch.library.opcheck(op, schema_args(op, dict(x=x, cu_seqlens=cu, state_len=4)))
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import ssm_ext.quick_ssm as qs
 from ssm_ext.quick_ssm import scan, scan_step
 from ssm_ext.reference import scan as ref
 
-from helpers import assert_rel, tol_for
+from helpers import assert_rel, schema_args, tol_for
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ERRORS = (RuntimeError, ValueError, NotImplementedError, TypeError)
@@ -569,14 +569,6 @@ def test_gradcheck_float64_cpu(checkpoint):
 # opcheck
 # --------------------------------------------------------------------------------------
 
-def _schema_args(op, values):
-    """Positional arguments for `op` in its schema order, taken by name from `values`."""
-    names = [arg.name for arg in op._schema.arguments]
-    missing = [n for n in names if n not in values]
-    assert not missing, f"{op}: no test value for schema arguments {missing}"
-    return tuple(values[n] for n in names)
-
-
 OP_COMBOS = [  # (b, c, init, store_states, out_dtype, dtype)
     (False, False, False, False, None, F32),
     (True, True, True, False, None, F32),
@@ -590,7 +582,7 @@ OP_COMBOS = [  # (b, c, init, store_states, out_dtype, dtype)
 def test_opcheck_fwd(device, b_on, c_on, init_on, store, out_dtype, dtype):
     x, a, b, c, h0 = (_leaf(t) for t in _inputs(2, 11, 6, dtype, device, b_on, c_on, init_on))
     op = torch.ops.ssm_ext.scan_fwd.default
-    torch.library.opcheck(op, _schema_args(op, dict(x=x, a=a, b=b, c=c, initial_state=h0,
+    torch.library.opcheck(op, schema_args(op, dict(x=x, a=a, b=b, c=c, initial_state=h0,
                                                     store_states=store, out_dtype=out_dtype)))
 
 
@@ -601,7 +593,7 @@ def test_opcheck_bwd(device, b_on, c_on, init_on, store, out_dtype, dtype):
     dy = torch.randn(2, 11, 6, device=device).to(dtype)
     dfs = torch.randn(2, 6, device=device) if init_on or store else None
     op = torch.ops.ssm_ext.scan_bwd.default
-    torch.library.opcheck(op, _schema_args(op, dict(x=x, a=a, b=b, c=c, initial_state=h0, states=st,
+    torch.library.opcheck(op, schema_args(op, dict(x=x, a=a, b=b, c=c, initial_state=h0, states=st,
                                                     dy=dy, dfinal_state=dfs)))
 
 
