@@ -12,7 +12,10 @@ import torch
 
 import ssm_ext
 from ssm_ext.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssm_ext.quick_ssm import scan as quick_scan
+from ssm_ext.quick_ssm import scan_step
 from ssm_ext.reference import causal_conv1d as ref_conv
+from ssm_ext.reference import scan as ref_scan
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -108,7 +111,45 @@ def causal_conv1d(d):
     d.time(f"causal_conv1d_update ({bu}, {Du})", lambda: causal_conv1d_update(xu, state, wu, bu_, "silu"))
 
 
-FAMILIES = [causal_conv1d]
+def scan(d):
+    if d.cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::scan_fwd", "CUDA"):
+        print("  skipped: the scan has no CUDA kernel yet (it runs on the CPU)")
+        return
+    B, L, D = 2, 300, 48
+    print(f"  checks: (B, L, D) = ({B}, {L}, {D}), initial and final state, checkpoint on/off")
+    for dtype in d.dtypes:
+        tol = TOL[dtype]
+        x, b, c = (torch.randn(B, L, D, device=d.device, dtype=dtype).requires_grad_() for _ in range(3))
+        a = torch.rand(B, L, D, device=d.device, dtype=dtype).requires_grad_()
+        h0 = torch.randn(B, D, device=d.device).requires_grad_()
+        leaves = [t.detach().double().requires_grad_() for t in (x, a, b, c, h0)]
+        r_y, r_h = ref_scan.scan(*leaves)
+        gy, gh = torch.randn_like(r_y), torch.randn_like(r_h)
+        r_grads = torch.autograd.grad([r_y, r_h], leaves, [gy, gh])
+        for ckpt in (True, False):
+            tag = f"{str(dtype)[6:]} checkpoint={ckpt}"
+            y, h = quick_scan(x, a, b, c, checkpoint=ckpt, initial_state=h0, return_final_state=True)
+            grads = torch.autograd.grad([y, h], [x, a, b, c, h0], [gy.to(y.dtype), gh.float()])
+            d.check(f"scan {tag} y", y, r_y, tol)
+            d.check(f"scan {tag} final state", h, r_h, tol)
+            for n, g, rg in zip(("dx", "da", "db", "dc", "dinitial_state"), grads, r_grads):
+                d.check(f"scan {tag} {n}", g, rg, tol)
+        h = h0.detach().float()
+        ys = []
+        for t in range(L):
+            y_t, h = scan_step(h, x[:, t].detach(), a[:, t].detach(), b[:, t].detach(), c[:, t].detach())
+            ys.append(y_t)
+        d.check(f"scan_step x {L} {str(dtype)[6:]}", torch.stack(ys, 1), r_y, tol)
+    dt = d.bench_dtype
+    B, L, D = (8, 4096, 1536) if d.cuda else (2, 512, 256)
+    print(f"  timings: (B, L, D) = ({B}, {L}, {D}) {str(dt)[6:]}")
+    x, a, b, c = (torch.rand(B, L, D, device=d.device, dtype=dt).requires_grad_() for _ in range(4))
+    gy = torch.randn_like(x)
+    d.time("scan fwd", lambda: quick_scan(x, a, b, c))
+    d.time("scan fwd+bwd (checkpoint)", lambda: torch.autograd.grad(quick_scan(x, a, b, c), [x, a, b, c], gy))
+
+
+FAMILIES = [causal_conv1d, scan]
 
 
 def main():
