@@ -20,6 +20,16 @@ from ssm_ext.reference import scan as ref
 
 from helpers import assert_rel, schema_args, tol_for
 
+
+@pytest.fixture(autouse=True)
+def _cuda_kernel_required(request):
+    """The scan's CUDA kernel is not written yet (issue 3): its CUDA cases skip, saying so,
+    until one is registered, and then run."""
+    if ("device" in request.fixturenames and request.getfixturevalue("device") == "cuda"
+            and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::scan_fwd", "CUDA")):
+        pytest.skip("ssm_ext::scan_fwd has no CUDA kernel yet")
+
+
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ERRORS = (RuntimeError, ValueError, NotImplementedError, TypeError)
 COMPILE_BACKEND = os.environ.get("SSM_EXT_COMPILE_BACKEND", "inductor")
