@@ -24,6 +24,23 @@ at::Tensor empty_in_layout(int64_t b, int64_t d, int64_t l, bool channel_last,
   return channel_last ? at::empty({b, l, d}, opts).transpose(1, 2) : at::empty({b, d, l}, opts);
 }
 
+// Checks weight (dim, width >= 2) against x and fills the weight fields of P (ConvParams or
+// UpdateParams).
+template <typename P>
+void set_weight(P& p, const at::Tensor& weight, const at::Tensor& x) {
+  check_ndim(weight, "weight", 2, "(dim, width)");
+  check_same_device(weight, "weight", x, "x");
+  check_input_dtype(weight, "weight");
+  TORCH_CHECK(weight.size(0) == x.size(1), msg("weight must have shape (dim, width) with dim = ", x.size(1),
+                                               " (x.size(1)), got ", shape_str(weight.sizes())));
+  TORCH_CHECK(weight.size(1) >= 2, msg("weight must have width >= 2, got shape ", shape_str(weight.sizes())));
+  p.width = weight.size(1);
+  p.weight = weight.data_ptr();
+  p.weight_sd = weight.stride(0);
+  p.weight_sw = weight.stride(1);
+  p.weight_dtype = dtype_of(weight);
+}
+
 // Checks bias (dim,) and returns it in the weight's dtype.
 template <typename P>
 at::Tensor set_bias(P& p, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
@@ -48,22 +65,11 @@ void check_common(ConvArgs& a, const at::Tensor& x_in, const at::Tensor& weight,
   check_input_dtype(x_in, "x");
   const int64_t B = x_in.size(0), D = x_in.size(1), L = x_in.size(2);
   TORCH_CHECK(L >= 1, msg("x must have seqlen >= 1, got shape ", shape_str(x_in.sizes())));
-  check_ndim(weight, "weight", 2, "(dim, width)");
-  check_same_device(weight, "weight", x_in, "x");
-  check_input_dtype(weight, "weight");
-  TORCH_CHECK(weight.size(0) == D, msg("weight must have shape (dim, width) with dim = ", D,
-              " (x.size(1)), got ", shape_str(weight.sizes())));
-  TORCH_CHECK(weight.size(1) >= 2, msg("weight must have width >= 2, got shape ",
-              shape_str(weight.sizes())));
-  const int64_t W = weight.size(1);
+  set_weight(p, weight, x_in);
+  const int64_t W = p.width;
   p.batch = B;
   p.dim = D;
   p.seqlen = L;
-  p.width = W;
-  p.weight = weight.data_ptr();
-  p.weight_sd = weight.stride(0);
-  p.weight_sw = weight.stride(1);
-  p.weight_dtype = dtype_of(weight);
   a.bias = set_bias(p, bias, weight, x_in);
   if (seq_idx.has_value()) {
     check_same_device(*seq_idx, "seq_idx", x_in, "x");
@@ -160,17 +166,14 @@ UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
   check_ndim(x, "x", 3, "(batch, dim, seqlen)");
   check_input_dtype(x, "x");
   const int64_t B = x.size(0), D = x.size(1), L = x.size(2);
-  check_ndim(weight, "weight", 2, "(dim, width)");
-  check_same_device(weight, "weight", x, "x");
-  check_input_dtype(weight, "weight");
-  TORCH_CHECK(weight.size(0) == D && weight.size(1) >= 2, msg("weight must have shape (dim, width) with dim = ", D,
-              " (x.size(1)) and width >= 2, got ", shape_str(weight.sizes())));
-  const int64_t W = weight.size(1);
+  set_weight(p, weight, x);
+  const int64_t W = p.width;
   check_ndim(conv_state, "conv_state", 3, "(batch, dim, state_len)");
   check_same_device(conv_state, "conv_state", x, "x");
   check_dtype(conv_state, "conv_state", x.scalar_type());
-  TORCH_CHECK(conv_state.size(1) == D && conv_state.size(2) >= W - 1, msg("conv_state must have shape (batch, dim, state_len) with dim = ", D,
-              " and state_len >= width - 1 = ", W - 1, ", got ", shape_str(conv_state.sizes())));
+  TORCH_CHECK(conv_state.size(1) == D && conv_state.size(2) >= W - 1,
+              msg("conv_state must have shape (batch, dim, state_len) with dim = ", D,
+                  " and state_len >= width - 1 = ", W - 1, ", got ", shape_str(conv_state.sizes())));
   if (conv_state_indices.has_value()) {
     check_same_device(*conv_state_indices, "conv_state_indices", x, "x");
     check_dtype(*conv_state_indices, "conv_state_indices", at::kInt);
@@ -193,14 +196,9 @@ UpdateArgs prepare_update(const at::Tensor& x, const at::Tensor& conv_state,
   p.batch = B;
   p.dim = D;
   p.seqlen = L;
-  p.width = W;
   p.state_len = conv_state.size(2);
   p.pool_size = conv_state.size(0);
   p.silu = silu;
-  p.weight = weight.data_ptr();
-  p.weight_sd = weight.stride(0);
-  p.weight_sw = weight.stride(1);
-  p.weight_dtype = dtype_of(weight);
   a.out = at::empty({B, D, L}, x.options());
   p.x = view_bdl(x);
   p.out = view_bdl(a.out);
@@ -213,7 +211,8 @@ void check_varlen_states(const at::Tensor& x, const at::Tensor& cu_seqlens, int6
   check_input_dtype(x, "x");
   check_ndim(cu_seqlens, "cu_seqlens", 1, "(nseq + 1,)");
   check_same_device(cu_seqlens, "cu_seqlens", x, "x");
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, msg("cu_seqlens must have dtype int32 or int64, got ", cu_seqlens.scalar_type()));
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+              msg("cu_seqlens must have dtype int32 or int64, got ", cu_seqlens.scalar_type()));
   TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
   TORCH_CHECK(state_len >= 1, msg("state_len must be >= 1, got ", state_len));
 }
