@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build ssm_ext, build the peers in the background, run the CUDA
 # tests and compute-sanitizer while they build, then the benchmarks. Logs go to $OUT.
-# Stages: STAGES="build test sanitize bench" (any subset).
+# Stages: STAGES="build test sanitize bench" (any subset); TESTS narrows the test files (default tests).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build test sanitize bench"}
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export SSM_EXT_PEERS=${SSM_EXT_PEERS:-$PWD/.peers}
+TESTS=${TESTS:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
@@ -22,14 +23,14 @@ if has build; then
 fi
 if has test; then
   # bad-input tests in their own process, so that a crash there cannot hide other results
-  python3 -m pytest tests -m cuda -q -p no:cacheprovider -k "not bad" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | grep -v DEBUG | tail -8
-  python3 -m pytest tests -m cuda -q -p no:cacheprovider -k "bad" 2>&1 | tee "$OUT/test_cuda_bad.log" | grep -v DEBUG | tail -4
+  python3 -m pytest $TESTS -m cuda -q -p no:cacheprovider -k "not bad" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | grep -v DEBUG | tail -8
+  python3 -m pytest $TESTS -m cuda -q -p no:cacheprovider -k "bad" 2>&1 | tee "$OUT/test_cuda_bad.log" | grep -v DEBUG | tail -4
   stamp "cuda tests done"
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest tests -m cuda -q -x -p no:cacheprovider \
-      -k "${SANITIZE_K:-not compile and not opcheck and not gradcheck}" > "$OUT/sanitize_$tool.log" 2>&1
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest $TESTS -m cuda -q -x -p no:cacheprovider \
+      -k "${SANITIZE_K:-not compile and not opcheck and not gradcheck and not very_long}" > "$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
     stamp "sanitizer $tool done"
   done

@@ -21,7 +21,7 @@ TORCH_LIBRARY(ssm_ext, m) {
 
   // first-order scan h_t = a_t*h_{t-1} + b_t*x_t, y_t = c_t*h_t (csrc/scan)
   m.def("scan_fwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, bool store_states, "
-        "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
+        "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, Tensor? states, "
-        "Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? chunk_states, Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -80,6 +80,10 @@ def _(x, cu_seqlens, state_len):
 
 # ---------------------------------------------------------------- first-order scan
 
+# Mirrors kChunk in csrc/scan/scan.h: the forward keeps h at every SCAN_CHUNK-th step.
+SCAN_CHUNK = 32
+
+
 def _scan_state_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -90,11 +94,13 @@ def _(x, a, b, c, initial_state, store_states, out_dtype):
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     final = x.new_empty(x.shape[0], x.shape[2], dtype=sd)
     states = torch.empty_like(x, dtype=sd) if store_states else x.new_empty(0, dtype=sd)
-    return y, final, states
+    n_chunks = (x.shape[1] + SCAN_CHUNK - 1) // SCAN_CHUNK
+    chunk_states = x.new_empty(0, dtype=sd) if store_states else x.new_empty(x.shape[0], n_chunks, x.shape[2], dtype=sd)
+    return y, final, states, chunk_states
 
 
 @torch.library.register_fake("ssm_ext::scan_bwd")
-def _(x, a, b, c, initial_state, states, dy, dfinal_state):
+def _(x, a, b, c, initial_state, states, chunk_states, dy, dfinal_state):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
@@ -103,19 +109,20 @@ def _(x, a, b, c, initial_state, states, dy, dfinal_state):
 
 def _scan_setup_context(ctx, inputs, output):
     x, a, b, c, initial_state, store_states, out_dtype = inputs
-    _, _, states = output
-    ctx.save_for_backward(x, a, b, c, initial_state, states if store_states else None)
-    ctx.mark_non_differentiable(states)
+    _, _, states, chunk_states = output
+    ctx.save_for_backward(x, a, b, c, initial_state, states if store_states else None,
+                          None if store_states else chunk_states)
+    ctx.mark_non_differentiable(states, chunk_states)
     ctx.set_materialize_grads(False)
 
 
-def _scan_backward(ctx, dy, dfinal, _dstates):
-    x, a, b, c, initial_state, states = ctx.saved_tensors
+def _scan_backward(ctx, dy, dfinal, _dstates, _dchunk_states):
+    x, a, b, c, initial_state, states, chunk_states = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     if dfinal is not None:
         dfinal = dfinal.to(_scan_state_dtype(x))
-    dx, da, db, dc, dinit = ops.scan_bwd(x, a, b, c, initial_state, states, dy, dfinal)
+    dx, da, db, dc, dinit = ops.scan_bwd(x, a, b, c, initial_state, states, chunk_states, dy, dfinal)
     return (dx, da, db if b is not None else None, dc if c is not None else None,
             dinit if initial_state is not None else None, None, None)
 

@@ -32,7 +32,7 @@ def scan(x, a, b, c, *, block_l: int = 256, checkpoint: bool = True, tile_b: Opt
         y = y.to(out_dtype or x.dtype)
         final = final.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     else:
-        y, final, _ = ops.scan_fwd(x, a, b, c, initial_state, not checkpoint, out_dtype)
+        y, final = ops.scan_fwd(x, a, b, c, initial_state, not checkpoint, out_dtype)[:2]
     return (y, final) if return_final_state else y
 
 

@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> sum_partials_cuda(const at::Tensor& dweight_p
   const int64_t n = n_w + (bias.has_value() ? dim : 0);
   if (n == 0) return {dweight, dbias};
   const unsigned grid = std::min<unsigned>(ceil_div(n, 256), 4096);
-  dispatch_io_dtype(weight.scalar_type(), "causal_conv1d_bwd (weight)", [&](auto tag) {
+  dispatch_io_dtype(weight.scalar_type(), "weight", [&](auto tag) {
     using WT = decltype(tag);
     sum_partials_kernel<WT><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dweight_part.data_ptr<float>(), dbias_part.data_ptr<float>(), n_part, n_w, dim,
@@ -399,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     dweight_part.zero_();
     dbias_part.zero_();
   } else {
-    dispatch_io_dtype(a.x.scalar_type(), "causal_conv1d_bwd", [&](auto tag) {
+    dispatch_io_dtype(a.x.scalar_type(), "x", [&](auto tag) {
       launch_bwd<decltype(tag)>(a.p, a, dweight_part, dbias_part, c10::cuda::getCurrentCUDAStream());
     });
   }

@@ -8,6 +8,7 @@
 #include "causal_conv1d/causal_conv1d_math.h"
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 
 namespace ssm_ext {
 namespace conv1d {
@@ -44,22 +45,6 @@ void update_width_switch(int64_t w, F&& f) {
     case 6: f(std::integral_constant<int, 6>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
     default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-
-template <typename F>
-void bool_switch(bool v, F&& f) {
-  if (v) f(std::true_type{});
-  else f(std::false_type{});
-}
-
-template <typename F>
-void dispatch_io_dtype(at::ScalarType t, const char* name, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, msg(name, ": x must be float32, float16 or bfloat16 on CUDA, got ", t));
   }
 }
 

@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   FwdArgs a = prepare_fwd(x, weight, bias, seq_idx, initial_states, return_final_states, silu);
   if (a.out.numel() > 0) {
-    dispatch_io_dtype(a.x.scalar_type(), "causal_conv1d_fwd", [&](auto tag) {
+    dispatch_io_dtype(a.x.scalar_type(), "x", [&](auto tag) {
       launch_fwd<decltype(tag)>(a.p, c10::cuda::getCurrentCUDAStream());
     });
   }
@@ -275,7 +275,7 @@ at::Tensor update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Te
   if (a.out.numel() == 0) return a.out;
   dim3 grid(ceil_div(p.dim, 128), p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_io_dtype(x.scalar_type(), "causal_conv1d_update", [&](auto tag) {
+  dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     update_width_switch(p.width, [&](auto kW) { update_kernel<T, decltype(kW)::value><<<grid, 128, 0, stream>>>(p); });
   });
@@ -308,7 +308,7 @@ at::Tensor varlen_states_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens,
   if (n > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     const unsigned grid = std::min<unsigned>(ceil_div(n, 256), 65535);
-    dispatch_io_dtype(x.scalar_type(), "causal_conv1d_varlen_states", [&](auto tag) {
+    dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
       using T = decltype(tag);
       if (cu.scalar_type() == at::kInt) {
         varlen_states_kernel<T, int32_t><<<grid, 256, 0, stream>>>(

@@ -55,19 +55,22 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& a, const c10::optiona
   // Outputs keep x's layout (empty_like): a (B, C, T) tensor viewed as (B, L, D) stays (B, C, T).
   r.y = at::empty_like(x, x.options().dtype(yt));
   r.final_state = at::empty({p.batch, p.dim}, x.options().dtype(state_dtype(x)));
-  r.states = store_states ? at::empty_like(x, x.options().dtype(state_dtype(x)))
-                          : at::empty({0}, x.options().dtype(state_dtype(x)));
+  // Either the full states or, for the recomputing backward, h at every chunk start.
+  const auto sopt = x.options().dtype(state_dtype(x));
+  r.states = store_states ? at::empty_like(x, sopt) : at::empty({0}, sopt);
+  r.chunk_states = store_states ? at::empty({0}, sopt) : at::empty({p.batch, num_chunks(p.seqlen), p.dim}, sopt);
   p.y = view_bld(r.y);
   p.y_dtype = dtype_of(r.y);
   p.final_state = view_bld(r.final_state);
   p.states = view_bld(r.states);
+  p.chunk_states = view_bld(r.chunk_states);
   return r;
 }
 
 BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& b,
                     const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& initial_state,
-                    const c10::optional<at::Tensor>& states, const at::Tensor& dy,
-                    const c10::optional<at::Tensor>& dfinal_state) {
+                    const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& chunk_states,
+                    const at::Tensor& dy, const c10::optional<at::Tensor>& dfinal_state) {
   BwdArgs r;
   ScanParams& p = r.p;
   check_inputs(p, x, a, b, c, initial_state);
@@ -81,6 +84,12 @@ BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& a, const c10::optiona
     check_dtype(*states, "states", state_dtype(x));
     check_shape(*states, "states", x.sizes(), "(batch, seqlen, dim) like x");
     p.states = view_bld(*states);
+  } else if (chunk_states.has_value() && chunk_states->numel() > 0) {
+    check_same_device(*chunk_states, "chunk_states", x, "x");
+    check_dtype(*chunk_states, "chunk_states", state_dtype(x));
+    check_shape(*chunk_states, "chunk_states", {p.batch, num_chunks(p.seqlen), p.dim},
+                "(batch, ceil(seqlen / 32), dim)");
+    p.chunk_states = view_bld(*chunk_states);
   }
   if (dfinal_state.has_value()) {
     check_same_device(*dfinal_state, "dfinal_state", x, "x");

@@ -9,6 +9,13 @@
 namespace ssm_ext {
 namespace scan {
 
+// The forward saves h every kChunk steps (chunk_states[:, j] = h_{j*kChunk - 1}, the initial state
+// for j = 0) so the backward can recompute h chunk by chunk without a (B, L, D) tensor.
+// Mirrored by SCAN_CHUNK in ssm_ext/_ops.py. The CUDA kernels' tiles are kChunk steps long.
+constexpr int64_t kChunk = 32;
+
+inline int64_t num_chunks(int64_t seqlen) { return (seqlen + kChunk - 1) / kChunk; }
+
 struct ScanParams {
   int64_t batch = 0, seqlen = 0, dim = 0;
   View3 x, a, b, c;            // (B, L, D); b or c absent means 1
@@ -18,6 +25,7 @@ struct ScanParams {
   Dtype y_dtype = Dtype::f32;
   View3 final_state;           // (B, D), fp32 (fp64 for fp64 inputs)
   View3 states;                // (B, L, D) h_t, fp32 (fp64), or absent
+  View3 chunk_states;          // (B, num_chunks(L), D) like final_state, or absent
   // backward
   View3 dy, dfinal_state;      // dy in dy_dtype; dfinal_state like final_state, or absent
   Dtype dy_dtype = Dtype::f32;
@@ -25,7 +33,7 @@ struct ScanParams {
 };
 
 struct FwdArgs {
-  at::Tensor y, final_state, states;
+  at::Tensor y, final_state, states, chunk_states;
   ScanParams p;
 };
 struct BwdArgs {
@@ -38,8 +46,8 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& a, const c10::optiona
                     bool store_states, c10::optional<at::ScalarType> out_dtype);
 BwdArgs prepare_bwd(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& b,
                     const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& initial_state,
-                    const c10::optional<at::Tensor>& states, const at::Tensor& dy,
-                    const c10::optional<at::Tensor>& dfinal_state);
+                    const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& chunk_states,
+                    const at::Tensor& dy, const c10::optional<at::Tensor>& dfinal_state);
 
 }  // namespace scan
 }  // namespace ssm_ext

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +38,8 @@ void fwd_kernel(const ScanParams& p) {
       const int64_t b = row / p.dim, d = row % p.dim;
       acc_t h = initial<acc_t>(p, b, d);
       for (int64_t t = 0; t < p.seqlen; ++t) {
+        if (p.chunk_states.ptr && t % kChunk == 0)
+          static_cast<acc_t*>(p.chunk_states.ptr)[at_bld(p.chunk_states, b, t / kChunk, d)] = h;
         const acc_t x = acc_t(static_cast<const scalar_t*>(p.x.ptr)[at_bld(p.x, b, t, d)]);
         const acc_t a = acc_t(static_cast<const scalar_t*>(p.a.ptr)[at_bld(p.a, b, t, d)]);
         h = a * h + input_or_one<scalar_t, acc_t>(p.b, b, t, d) * x;
@@ -49,38 +52,57 @@ void fwd_kernel(const ScanParams& p) {
 }
 
 // dh_t = c_t*dy_t + a_{t+1}*dh_{t+1} (+ dfinal at t = L-1); dx = b*dh, db = x*dh,
-// da = h_{t-1}*dh, dc = h*dy, dinitial = a_0*dh_0. Without stored states, each row's h is
-// recomputed into a buffer of L values (never a (B, L, D) tensor).
+// da = h_{t-1}*dh, dc = h*dy, dinitial = a_0*dh_0. Walks each row's chunks from the last; a
+// chunk's h comes from the stored states, or is recomputed from the chunk's start state
+// (chunk_states, or a first pass over the row when neither is given).
 template <typename scalar_t>
 void bwd_kernel(const ScanParams& p) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t L = p.seqlen;
+  const int64_t L = p.seqlen, nc = num_chunks(L);
   at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> hbuf(p.states.ptr ? 0 : L);
+    std::vector<acc_t> starts(nc), hbuf(kChunk + 1);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.dim, d = row % p.dim;
       auto x = [&](int64_t t) { return acc_t(static_cast<const scalar_t*>(p.x.ptr)[at_bld(p.x, b, t, d)]); };
       auto a = [&](int64_t t) { return acc_t(static_cast<const scalar_t*>(p.a.ptr)[at_bld(p.a, b, t, d)]); };
+      auto bx = [&](int64_t t) { return input_or_one<scalar_t, acc_t>(p.b, b, t, d) * x(t); };
       const acc_t h0 = initial<acc_t>(p, b, d);
       if (!p.states.ptr) {
-        acc_t h = h0;
-        for (int64_t t = 0; t < L; ++t) hbuf[t] = h = a(t) * h + input_or_one<scalar_t, acc_t>(p.b, b, t, d) * x(t);
+        if (p.chunk_states.ptr) {
+          for (int64_t j = 0; j < nc; ++j)
+            starts[j] = static_cast<const acc_t*>(p.chunk_states.ptr)[at_bld(p.chunk_states, b, j, d)];
+        } else {
+          acc_t h = h0;
+          for (int64_t t = 0; t < L; ++t) {
+            if (t % kChunk == 0) starts[t / kChunk] = h;
+            h = a(t) * h + bx(t);
+          }
+        }
       }
-      auto h = [&](int64_t t) {
-        if (t < 0) return h0;
-        return p.states.ptr ? static_cast<const acc_t*>(p.states.ptr)[at_bld(p.states, b, t, d)] : hbuf[t];
-      };
       acc_t carry = p.dfinal_state.ptr ? static_cast<const acc_t*>(p.dfinal_state.ptr)[at_bld(p.dfinal_state, b, 0, d)]
                                        : acc_t(0);
-      for (int64_t t = L - 1; t >= 0; --t) {
-        const acc_t dy = load_as<acc_t>(p.dy.ptr, p.dy_dtype, at_bld(p.dy, b, t, d));
-        const acc_t g = input_or_one<scalar_t, acc_t>(p.c, b, t, d) * dy + carry;
-        auto put = [&](const View3& v, acc_t val) { static_cast<scalar_t*>(v.ptr)[at_bld(v, b, t, d)] = scalar_t(val); };
-        put(p.dx, input_or_one<scalar_t, acc_t>(p.b, b, t, d) * g);
-        put(p.da, h(t - 1) * g);
-        if (p.db.ptr) put(p.db, x(t) * g);
-        if (p.dc.ptr) put(p.dc, h(t) * dy);
-        carry = a(t) * g;
+      for (int64_t j = nc - 1; j >= 0; --j) {
+        const int64_t t0 = j * kChunk, t1 = std::min(L, t0 + kChunk);
+        // hbuf[i] = h_{t0 + i - 1}
+        for (int64_t t = t0 - 1; t < t1; ++t) {
+          acc_t h;
+          if (p.states.ptr) {
+            h = t < 0 ? h0 : static_cast<const acc_t*>(p.states.ptr)[at_bld(p.states, b, t, d)];
+          } else {
+            h = t < t0 ? starts[j] : a(t) * hbuf[t - t0] + bx(t);
+          }
+          hbuf[t - t0 + 1] = h;
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const acc_t dy = load_as<acc_t>(p.dy.ptr, p.dy_dtype, at_bld(p.dy, b, t, d));
+          const acc_t g = input_or_one<scalar_t, acc_t>(p.c, b, t, d) * dy + carry;
+          auto put = [&](const View3& v, acc_t val) { static_cast<scalar_t*>(v.ptr)[at_bld(v, b, t, d)] = scalar_t(val); };
+          put(p.dx, input_or_one<scalar_t, acc_t>(p.b, b, t, d) * g);
+          put(p.da, hbuf[t - t0] * g);
+          if (p.db.ptr) put(p.db, x(t) * g);
+          if (p.dc.ptr) put(p.dc, hbuf[t - t0 + 1] * dy);
+          carry = a(t) * g;
+        }
       }
       if (p.dinitial_state.ptr)
         store_as(p.dinitial_state.ptr, p.initial_dtype, at_bld(p.dinitial_state, b, 0, d), carry);
@@ -88,7 +110,7 @@ void bwd_kernel(const ScanParams& p) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& a,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& a,
                                                        const c10::optional<at::Tensor>& b,
                                                        const c10::optional<at::Tensor>& c,
                                                        const c10::optional<at::Tensor>& initial_state,
@@ -96,14 +118,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, cons
   FwdArgs r = prepare_fwd(x, a, b, c, initial_state, store_states, out_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scan_fwd",
                                   [&] { fwd_kernel<scalar_t>(r.p); });
-  return {r.y, r.final_state, r.states};
+  return {r.y, r.final_state, r.states, r.chunk_states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& b,
     const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& initial_state,
-    const c10::optional<at::Tensor>& states, const at::Tensor& dy, const c10::optional<at::Tensor>& dfinal_state) {
-  BwdArgs r = prepare_bwd(x, a, b, c, initial_state, states, dy, dfinal_state);
+    const c10::optional<at::Tensor>& states, const c10::optional<at::Tensor>& chunk_states, const at::Tensor& dy,
+    const c10::optional<at::Tensor>& dfinal_state) {
+  BwdArgs r = prepare_bwd(x, a, b, c, initial_state, states, chunk_states, dy, dfinal_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scan_bwd",
                                   [&] { bwd_kernel<scalar_t>(r.p); });
   return {r.dx, r.da, r.db, r.dc, r.dinitial_state};

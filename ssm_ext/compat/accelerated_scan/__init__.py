@@ -13,5 +13,5 @@ def scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     if gates.dtype != tokens.dtype:
         raise ValueError(f"gates and tokens must have one dtype, got gates {gates.dtype} and tokens {tokens.dtype}")
     # (B, C, T) viewed as the op's (B, L, D); the output keeps the (B, C, T) layout.
-    y, _, _ = ops.scan_fwd(tokens.transpose(1, 2), gates.transpose(1, 2), None, None, None, False, None)
+    y = ops.scan_fwd(tokens.transpose(1, 2), gates.transpose(1, 2), None, None, None, False, None)[0]
     return y.transpose(1, 2)
