@@ -24,98 +24,130 @@
 namespace ssm_ext {
 namespace scan {
 
-constexpr int kRowsPerThread = 4, kStepsPerThread = 4;
+constexpr int kStepsPerThread = 4;
 constexpr int kWarps = static_cast<int>(kChunk) / kStepsPerThread;  // 8
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileRows = 32 * kRowsPerThread;  // 128
-static_assert(kThreads >= kTileRows, "one thread per tile row folds the tile's pairs");
 
-// How a thread's 4 x 4 block is read: 4-element vectors along D (D4) or along L (L4), or one
-// element at a time with any strides (Generic).
+// A thread owns R rows x 4 steps, a tile 32*R rows x kChunk steps. The forward takes 16 bytes
+// of rows (4 fp32 or 8 fp16/bf16 rows); the backward, holding more per element, 4 rows.
+template <typename T>
+constexpr int kFwdRows = 16 / int(sizeof(T));
+constexpr int kBwdRows = 4;
+
+// How a thread's block is read: 16-byte vectors along D (D4), 4-step vectors along L (L4),
+// or one element at a time with any strides (Generic).
 enum class Mode { D4, L4, Generic };
 
-// Where a thread's block lies: rows (b[j], d[j]), steps t0 .. t0+3, and which exist.
-struct Block {
-  int64_t b[kRowsPerThread], d[kRowsPerThread];
-  int64_t t0;
-  bool row_ok[kRowsPerThread], step_ok[kStepsPerThread];
+// A thread's block of one input (R rows x 4 steps of T), as loaded; element (step i, row j)
+// is element idx<M, R>(i, j) of it viewed as T[].
+template <typename T, int R>
+struct Raw {
+  static constexpr int kBytes = kStepsPerThread * R * int(sizeof(T));
+  uint4 v[(kBytes + 15) / 16];
 };
 
+template <Mode M, int R>
+__device__ __forceinline__ constexpr int idx(int i, int j) {
+  return M == Mode::L4 ? j * kStepsPerThread + i : i * R + j;
+}
+
+template <Mode M, typename T, int R>
+__device__ __forceinline__ float get(const Raw<T, R>& r, int i, int j) {
+  return float(reinterpret_cast<const T*>(r.v)[idx<M, R>(i, j)]);
+}
+
+// Where a thread's block lies: first row r0 (rows r0 .. r0+kRows-1, r = b*D + d) and first
+// step t0, and which of them exist.
+struct Block {
+  uint32_t r0, n_rows;  // rows r0 .. : row r0 + j exists iff j < n_rows
+  int64_t t0;
+  int n_steps;          // steps t0 .. t0 + n_steps - 1 exist
+};
+
+template <int R>
 __device__ __forceinline__ Block block_of(const ScanParams& p, int64_t strip, int64_t chunk) {
   Block blk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t r0 = strip * 32 * R + lane * R;
+  const int64_t rows = p.batch * p.dim;
+  blk.r0 = static_cast<uint32_t>(r0);
+  blk.n_rows = static_cast<uint32_t>(r0 >= rows ? 0 : (rows - r0 < R ? rows - r0 : R));
   blk.t0 = chunk * kChunk + warp * kStepsPerThread;
-#pragma unroll
-  for (int j = 0; j < kRowsPerThread; ++j) {
-    const int64_t r = strip * kTileRows + lane * kRowsPerThread + j;
-    blk.row_ok[j] = r < p.batch * p.dim;
-    blk.b[j] = r / p.dim;
-    blk.d[j] = r % p.dim;
-  }
-#pragma unroll
-  for (int i = 0; i < kStepsPerThread; ++i) blk.step_ok[i] = blk.t0 + i < p.seqlen;
+  const int64_t left = p.seqlen - blk.t0;
+  blk.n_steps = left <= 0 ? 0 : (left < kStepsPerThread ? int(left) : kStepsPerThread);
   return blk;
 }
 
-__device__ __forceinline__ int64_t offset(const View3& v, const Block& blk, int i, int j) {
-  return blk.b[j] * v.sb + (blk.t0 + i) * v.sl + blk.d[j] * v.sd;
+// Offset of element (row r, step t) in v; 32-bit row arithmetic (checked on the host).
+__device__ __forceinline__ int64_t offset(const View3& v, uint32_t r, uint32_t dim, int64_t t) {
+  return int64_t(r / dim) * v.sb + int64_t(r % dim) * v.sd + t * v.sl;
 }
 
-// e[i][j] = element (step t0+i, row j) of v as fp32, `fill` where it does not exist.
-// In the vector modes a vector is wholly in or out (D % 4 == 0, resp. L % 4 == 0).
-template <typename T, Mode M>
-__device__ __forceinline__ void load_block(const View3& v, const Block& blk, float fill,
-                                           float (&e)[kStepsPerThread][kRowsPerThread]) {
+template <typename T, int R>
+__device__ __forceinline__ void fill_raw(Raw<T, R>& raw, float fill) {
+  T* e = reinterpret_cast<T*>(raw.v);
+#pragma unroll
+  for (int n = 0; n < kStepsPerThread * R; ++n) e[n] = T(fill);
+}
+
+// Loads a thread's block of v; elements that do not exist read as `fill`. In the vector modes
+// a vector is wholly in or out (D % kRows == 0, resp. L % 4 == 0).
+template <typename T, Mode M, int R>
+__device__ __forceinline__ void load_block(const View3& v, const Block& blk, uint32_t dim, float fill, Raw<T, R>& raw) {
   const T* base = static_cast<const T*>(v.ptr);
+  fill_raw(raw, fill);
   if constexpr (M == Mode::D4) {
-    float vec[4];
-#pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i) {
-      if (blk.row_ok[0] && blk.step_ok[i]) load_vec<T, 4>(base + offset(v, blk, i, 0), vec);
-      else for (int j = 0; j < 4; ++j) vec[j] = fill;
-#pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j) e[i][j] = vec[j];
-    }
-  } else if constexpr (M == Mode::L4) {
-    float vec[4];
-#pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      if (blk.row_ok[j] && blk.step_ok[0]) load_vec<T, 4>(base + offset(v, blk, 0, j), vec);
-      else for (int i = 0; i < 4; ++i) vec[i] = fill;
-#pragma unroll
-      for (int i = 0; i < kStepsPerThread; ++i) e[i][j] = vec[i];
-    }
-  } else {
+    if (blk.n_rows == 0) return;
+    using V = typename VecType<R * sizeof(T)>::type;
+    const int64_t o = offset(v, blk.r0, dim, blk.t0);
 #pragma unroll
     for (int i = 0; i < kStepsPerThread; ++i)
+      if (i < blk.n_steps) reinterpret_cast<V*>(raw.v)[i] = *reinterpret_cast<const V*>(base + o + i * v.sl);
+  } else if constexpr (M == Mode::L4) {
+    if (blk.n_steps == 0) return;
+    using V = typename VecType<kStepsPerThread * sizeof(T)>::type;
 #pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j)
-        e[i][j] = blk.row_ok[j] && blk.step_ok[i] ? float(base[offset(v, blk, i, j)]) : fill;
+    for (int j = 0; j < R; ++j)
+      if (j < blk.n_rows) reinterpret_cast<V*>(raw.v)[j] = *reinterpret_cast<const V*>(base + offset(v, blk.r0 + j, dim, blk.t0));
+  } else {
+    T* e = reinterpret_cast<T*>(raw.v);
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+      for (int i = 0; i < kStepsPerThread; ++i)
+        if (j < blk.n_rows && i < blk.n_steps) e[idx<M, R>(i, j)] = base[offset(v, blk.r0 + j, dim, blk.t0 + i)];
   }
 }
 
-template <typename T, Mode M>
-__device__ __forceinline__ void store_block(const View3& v, const Block& blk,
-                                            const float (&e)[kStepsPerThread][kRowsPerThread]) {
-  T* base = static_cast<T*>(v.ptr);
+// Stores e[i][j] (step i, row j) into v as Y, where the element exists.
+template <typename Y, Mode M, int R>
+__device__ __forceinline__ void store_block(const View3& v, const Block& blk, uint32_t dim,
+                                            const float (&e)[kStepsPerThread][R]) {
+  Y* base = static_cast<Y*>(v.ptr);
   if constexpr (M == Mode::D4) {
+    if (blk.n_rows == 0) return;
+    constexpr int kPiece = 16 / sizeof(Y);  // elements per 16-byte store
+    const int64_t o = offset(v, blk.r0, dim, blk.t0);
 #pragma unroll
     for (int i = 0; i < kStepsPerThread; ++i)
-      if (blk.row_ok[0] && blk.step_ok[i]) store_vec<T, 4>(base + offset(v, blk, i, 0), e[i]);
+      if (i < blk.n_steps)
+#pragma unroll
+        for (int j = 0; j < R; j += kPiece) store_vec<Y, (kPiece < R ? kPiece : R)>(base + o + i * v.sl + j, &e[i][j]);
   } else if constexpr (M == Mode::L4) {
+    if (blk.n_steps == 0) return;
 #pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      float vec[4];
+    for (int j = 0; j < R; ++j) {
+      float col[kStepsPerThread];
 #pragma unroll
-      for (int i = 0; i < kStepsPerThread; ++i) vec[i] = e[i][j];
-      if (blk.row_ok[j] && blk.step_ok[0]) store_vec<T, 4>(base + offset(v, blk, 0, j), vec);
+      for (int i = 0; i < kStepsPerThread; ++i) col[i] = e[i][j];
+      if (j < blk.n_rows) store_vec<Y, kStepsPerThread>(base + offset(v, blk.r0 + j, dim, blk.t0), col);
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i)
+    for (int j = 0; j < R; ++j)
 #pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j)
-        if (blk.row_ok[j] && blk.step_ok[i]) base[offset(v, blk, i, j)] = T(e[i][j]);
+      for (int i = 0; i < kStepsPerThread; ++i)
+        if (j < blk.n_rows && i < blk.n_steps) base[offset(v, blk.r0 + j, dim, blk.t0 + i)] = Y(e[i][j]);
   }
 }
 
@@ -124,83 +156,77 @@ __device__ __forceinline__ float2 then(float2 first, float2 second) {
   return make_float2(second.x * first.x, second.x * first.y + second.y);
 }
 
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+// Look-back slots hold this bit pattern until published; a published value with these bits
+// (one particular NaN) is stored as the canonical NaN instead, so it can never read as empty.
+constexpr uint32_t kEmpty = 0xFFFFFFFFu;
+
+__device__ __forceinline__ uint32_t publishable(float v) {
+  const uint32_t u = __float_as_uint(v);
+  return u == kEmpty ? 0x7FFFFFFFu : u;
+}
+
+__device__ __forceinline__ uint32_t ld_relaxed32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ uint64_t ld_relaxed64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed32(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed64(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Global scratch of one launch. Tile k (in the order its chunk is reached along the scan
-// direction: k = step * n_strips + strip) publishes agg[k] (its own pair) and/or state[k]
-// (the state leaving it), then raises flags[k] to kAggregate or kInclusive.
+// Global scratch of one launch, all kEmpty before it. Tile k (blocks run in scan order,
+// k = step * n_strips + strip) publishes, per row, agg[k] = its own pair (one 64-bit word) and
+// then state[k] = the state leaving it. Each word is its own ready flag: no fences needed.
 struct LookBack {
-  int* flags;     // zeroed before the launch
-  int* ticket;    // zeroed before the launch; hands out tiles in order, so a tile only ever
-                  // waits on tiles that are already running
-  float2* agg;    // [tile][kTileRows]
-  float* state;   // [tile][kTileRows]
+  uint64_t* agg;    // [tile][tile rows] (P, U) bits
+  uint32_t* state;  // [tile][tile rows] float bits
   int64_t n_strips, n_chunks;
+  int tile_rows;
 };
-constexpr int kAggregate = 1, kInclusive = 2;
 
-// Tile number k of this block, in scan order; the caller maps it to (strip, chunk).
-__device__ __forceinline__ int64_t take_ticket(const LookBack& lb, int64_t* s_ticket) {
-  if (threadIdx.x == 0) *s_ticket = atomicAdd(lb.ticket, 1);
-  __syncthreads();
-  return *s_ticket;
-}
-
-// Called by every thread of the block. Row thread r (< kTileRows) passes the tile's own pair
-// for row r, and `edge`, the state entering the first tile of the scan for row r. Returns, in
-// row thread r, the state entering this tile, after publishing the state leaving it.
-__device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, float2 own, float edge,
-                                             int64_t* s_scratch) {
-  const int r = threadIdx.x;
+// Row thread r (< tile rows) passes its row's pair for this tile and `edge`, the state
+// entering the first tile of the scan; gets the state entering this tile, after publishing
+// the state leaving it. Blocks start in index order, so every tile waited on is running.
+__device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, float2 own, float edge) {
   const int64_t step = k / lb.n_strips;  // tiles of one strip are k, k - n_strips, ...
-  const int64_t base = k - step * lb.n_strips;
-  if (threadIdx.x == 0) *s_scratch = step > 0 ? ld_acquire(lb.flags + k - lb.n_strips) : kInclusive;
-  __syncthreads();
-  if (*s_scratch != kInclusive) {  // let successors fold past this tile while it looks back
-    if (r < kTileRows) lb.agg[k * kTileRows + r] = own;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) st_release(lb.flags + k, kAggregate);
+  const int64_t stride = lb.n_strips * lb.tile_rows, me = k * lb.tile_rows + threadIdx.x;
+  if (step == 0) {
+    st_relaxed32(lb.state + me, publishable(own.x * edge + own.y));
+    return edge;
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t s = step - 1;
-    for (; s >= 0; --s) {
-      int f;
-      while ((f = ld_acquire(lb.flags + s * lb.n_strips + base)) == 0) __nanosleep(20);
-      if (f == kInclusive) break;
+  st_relaxed64(lb.agg + me, uint64_t(publishable(own.x)) | (uint64_t(publishable(own.y)) << 32));
+  // Walk back to the nearest tile that has published its state, then fold forward from it.
+  int64_t s = step - 1;
+  float h;
+  for (;;) {
+    const uint32_t st = ld_relaxed32(lb.state + me - (step - s) * stride);
+    if (st != kEmpty) {
+      h = __uint_as_float(st);
+      break;
     }
-    *s_scratch = s;
+    if (uint32_t(ld_relaxed64(lb.agg + me - (step - s) * stride)) != kEmpty) --s;
+    else __nanosleep(32);
   }
-  __syncthreads();
-  const int64_t found = *s_scratch;
-  float h = 0.f;
-  if (r < kTileRows) {
-    h = found < 0 ? edge : __ldcg(lb.state + (found * lb.n_strips + base) * kTileRows + r);
-    for (int64_t s = found + 1; s < step; ++s) {
-      const float2 pu = __ldcg(lb.agg + (s * lb.n_strips + base) * kTileRows + r);
-      h = pu.x * h + pu.y;
-    }
-    lb.state[k * kTileRows + r] = own.x * h + own.y;
-    __threadfence();
+  for (++s; s < step; ++s) {
+    const uint64_t pu = ld_relaxed64(lb.agg + me - (step - s) * stride);
+    h = __uint_as_float(uint32_t(pu)) * h + __uint_as_float(uint32_t(pu >> 32));
   }
-  __syncthreads();
-  if (threadIdx.x == 0) st_release(lb.flags + k, kInclusive);
+  st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
   return h;
 }
 
 // Composes the per-thread pairs of a tile across warps, in scan order (warp 0 first when
 // forward). In: pairs[w][r] = warp w's pair for row r. Out: pairs[w][r] = composition of the
 // warps before w; returns, in row thread r, the whole tile's pair.
-template <bool kForward>
+template <bool kForward, int kTileRows>
 __device__ __forceinline__ float2 compose_warps(float2 (*pairs)[kTileRows]) {
   __syncthreads();
   float2 acc = make_float2(1.f, 0.f);
@@ -217,11 +243,11 @@ __device__ __forceinline__ float2 compose_warps(float2 (*pairs)[kTileRows]) {
   return acc;
 }
 
-// Vector modes need every view to allow 4-element aligned vectors along the mode's axis.
-inline bool vec_ok(const View3& v, int elem_bytes, int64_t inner_stride, int64_t s1, int64_t s2) {
+// Vector modes need every view to allow aligned vectors of n elements along the mode's axis.
+inline bool vec_ok(const View3& v, int elem_bytes, int n, int64_t inner_stride, int64_t s1, int64_t s2) {
   if (!v.ptr) return true;
-  return inner_stride == 1 && s1 % 4 == 0 && s2 % 4 == 0 &&
-         reinterpret_cast<uintptr_t>(v.ptr) % (4 * elem_bytes) == 0;
+  return inner_stride == 1 && s1 % n == 0 && s2 % n == 0 &&
+         reinterpret_cast<uintptr_t>(v.ptr) % (n * elem_bytes) == 0;
 }
 
 struct ViewBytes {
@@ -229,20 +255,21 @@ struct ViewBytes {
   int elem_bytes;
 };
 
-inline Mode pick_mode(const ScanParams& p, std::initializer_list<ViewBytes> views) {
+// rows_per_vec: the rows of a thread (R), one vector along D in the D4 mode.
+inline Mode pick_mode(const ScanParams& p, int rows_per_vec, std::initializer_list<ViewBytes> views) {
   auto all = [&](bool along_d) {
     for (const ViewBytes& vb : views) {
       const View3& v = vb.v;
       // a stride of a size-1 dimension is never used
       const int64_t sb = p.batch == 1 ? 0 : v.sb, sd = p.dim == 1 ? 1 : v.sd, sl = p.seqlen == 1 ? 1 : v.sl;
-      if (along_d ? !vec_ok(v, vb.elem_bytes, sd, sb, p.seqlen == 1 ? 0 : sl)
-                  : !vec_ok(v, vb.elem_bytes, sl, sb, p.dim == 1 ? 0 : sd))
+      if (along_d ? !vec_ok(v, vb.elem_bytes, rows_per_vec, sd, sb, p.seqlen == 1 ? 0 : sl)
+                  : !vec_ok(v, vb.elem_bytes, kStepsPerThread, sl, sb, p.dim == 1 ? 0 : sd))
         return false;
     }
     return true;
   };
-  if (p.dim % 4 == 0 && all(true)) return Mode::D4;
-  if (p.seqlen % 4 == 0 && all(false)) return Mode::L4;
+  if (p.dim % rows_per_vec == 0 && all(true)) return Mode::D4;
+  if (p.seqlen % kStepsPerThread == 0 && all(false)) return Mode::L4;
   return Mode::Generic;
 }
 
@@ -255,22 +282,22 @@ void mode_switch(Mode m, F&& f) {
   }
 }
 
-// Allocates and clears the look-back scratch of one launch (on the current stream).
+// Allocates the look-back scratch of one launch, filled with kEmpty (on the current stream).
 struct ScratchSpace {
-  at::Tensor flags, data;
+  at::Tensor data;
   LookBack lb;
-  ScratchSpace(const ScanParams& p, const at::Tensor& like) {
-    lb.n_strips = (p.batch * p.dim + kTileRows - 1) / kTileRows;
+  ScratchSpace(const ScanParams& p, int tile_rows, const at::Tensor& like) {
+    TORCH_CHECK(p.batch * p.dim < (int64_t(1) << 31) && p.seqlen < (int64_t(1) << 31),
+                msg("scan on CUDA: batch * dim and seqlen must each be below 2^31, got batch * dim = ",
+                    p.batch * p.dim, ", seqlen = ", p.seqlen));
+    lb.tile_rows = tile_rows;
+    lb.n_strips = (p.batch * p.dim + tile_rows - 1) / tile_rows;
     lb.n_chunks = num_chunks(p.seqlen);
-    const int64_t tiles = lb.n_strips * lb.n_chunks;
-    TORCH_CHECK(tiles < (int64_t(1) << 31), msg("scan: batch * dim * seqlen too large (", tiles, " tiles)"));
-    flags = at::empty({tiles + 1}, like.options().dtype(at::kInt));
-    data = at::empty({tiles * kTileRows * 3}, like.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(cudaMemsetAsync(flags.data_ptr(), 0, flags.numel() * sizeof(int), c10::cuda::getCurrentCUDAStream()));
-    lb.flags = flags.data_ptr<int>();
-    lb.ticket = lb.flags + tiles;
-    lb.agg = reinterpret_cast<float2*>(data.data_ptr<float>());
-    lb.state = data.data_ptr<float>() + tiles * kTileRows * 2;
+    const int64_t slots = lb.n_strips * lb.n_chunks * tile_rows;
+    data = at::empty({slots * 3}, like.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(data.data_ptr(), 0xFF, data.numel() * 4, c10::cuda::getCurrentCUDAStream()));
+    lb.agg = reinterpret_cast<uint64_t*>(data.data_ptr<int>());
+    lb.state = reinterpret_cast<uint32_t*>(data.data_ptr<int>() + slots * 2);
   }
   unsigned blocks() const { return static_cast<unsigned>(lb.n_strips * lb.n_chunks); }
 };

@@ -16,83 +16,84 @@ namespace {
 // T: x, a, b, c; Y: y. Writes y, the final state, and the states or the chunk states if asked.
 template <typename T, typename Y, Mode M>
 __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack lb) {
+  constexpr int R = kFwdRows<T>, kTileRows = 32 * R;
   __shared__ float2 pairs[kWarps][kTileRows];
   __shared__ float h_in[kTileRows];
-  __shared__ int64_t scratch;
-  const int64_t k = take_ticket(lb, &scratch);
-  const int64_t chunk = k / lb.n_strips, strip = k % lb.n_strips;
-  const Block blk = block_of(p, strip, chunk);
+  const int64_t k = blockIdx.x, chunk = k / lb.n_strips, strip = k % lb.n_strips;
+  const Block blk = block_of<R>(p, strip, chunk);
+  const uint32_t dim = static_cast<uint32_t>(p.dim);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-  float a[kStepsPerThread][kRowsPerThread], u[kStepsPerThread][kRowsPerThread];
-  float bb[kStepsPerThread][kRowsPerThread], c[kStepsPerThread][kRowsPerThread];
-  load_block<T, M>(p.a, blk, 1.f, a);
-  load_block<T, M>(p.x, blk, 0.f, u);
-  if (p.b.ptr) load_block<T, M>(p.b, blk, 0.f, bb);
-  if (p.c.ptr) load_block<T, M>(p.c, blk, 0.f, c);
-  if (p.b.ptr) {
+  Raw<T, R> a, x, b, c;
+  load_block<T, M>(p.a, blk, dim, 1.f, a);
+  load_block<T, M>(p.x, blk, dim, 0.f, x);
+  if (p.b.ptr) load_block<T, M>(p.b, blk, dim, 0.f, b);
+  if (p.c.ptr) load_block<T, M>(p.c, blk, dim, 0.f, c);
+  auto u = [&](int i, int j) { return p.b.ptr ? get<M>(x, i, j) * get<M>(b, i, j) : get<M>(x, i, j); };
 #pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < kRowsPerThread; ++j) u[i][j] *= bb[i][j];
-  }
-#pragma unroll
-  for (int j = 0; j < kRowsPerThread; ++j) {
+  for (int j = 0; j < R; ++j) {
     float2 pu = make_float2(1.f, 0.f);
 #pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i) pu = make_float2(a[i][j] * pu.x, a[i][j] * pu.y + u[i][j]);
-    pairs[warp][lane * kRowsPerThread + j] = pu;
+    for (int i = 0; i < kStepsPerThread; ++i) {
+      const float av = get<M>(a, i, j);
+      pu = make_float2(av * pu.x, av * pu.y + u(i, j));
+    }
+    pairs[warp][lane * R + j] = pu;
   }
-  const float2 tile = compose_warps<true>(pairs);
+  const float2 tile = compose_warps<true, kTileRows>(pairs);
 
   // Row thread r: the state entering the tile, from the initial state or the tiles before.
   const int r = threadIdx.x;
-  float edge = 0.f;
-  int64_t rb = 0, rd = 0;
-  const bool row_thread = r < kTileRows && strip * kTileRows + r < p.batch * p.dim;
-  if (row_thread) {
-    rb = (strip * kTileRows + r) / p.dim;
-    rd = (strip * kTileRows + r) % p.dim;
-    if (chunk == 0 && p.initial_state.ptr)
+  const int64_t row = strip * kTileRows + r;
+  const bool row_thread = r < kTileRows && row < p.batch * p.dim;
+  const int64_t rb = row_thread ? row / p.dim : 0, rd = row_thread ? row % p.dim : 0;
+  if (r < kTileRows) {
+    float edge = 0.f;
+    if (row_thread && chunk == 0 && p.initial_state.ptr)
       edge = load_as<float>(p.initial_state.ptr, p.initial_dtype, rb * p.initial_state.sb + rd * p.initial_state.sd);
-  }
-  const float h0 = chain_tiles(lb, k, tile, edge, &scratch);
-  if (row_thread) {
+    const float h0 = chain_tiles(lb, k, tile, edge);
     h_in[r] = h0;
-    if (p.chunk_states.ptr)
+    if (row_thread && p.chunk_states.ptr)
       static_cast<float*>(p.chunk_states.ptr)[rb * p.chunk_states.sb + chunk * p.chunk_states.sl + rd * p.chunk_states.sd] = h0;
-    if (chunk == lb.n_chunks - 1 && p.final_state.ptr)
+    if (row_thread && chunk == lb.n_chunks - 1 && p.final_state.ptr)
       static_cast<float*>(p.final_state.ptr)[rb * p.final_state.sb + rd * p.final_state.sd] = tile.x * h0 + tile.y;
   }
   __syncthreads();
 
-  float y[kStepsPerThread][kRowsPerThread];
+  // y, then (if asked) h: the steps are cheap to run twice, registers are not.
+  float out[kStepsPerThread][R];
+  auto run = [&](bool want_h) {
 #pragma unroll
-  for (int j = 0; j < kRowsPerThread; ++j) {
-    const int row = lane * kRowsPerThread + j;
-    const float2 before = pairs[warp][row];
-    float h = before.x * h_in[row] + before.y;
+    for (int j = 0; j < R; ++j) {
+      const float2 before = pairs[warp][lane * R + j];
+      float hv = before.x * h_in[lane * R + j] + before.y;
 #pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i) {
-      h = a[i][j] * h + u[i][j];
-      u[i][j] = h;  // u now holds h
-      y[i][j] = p.c.ptr ? c[i][j] * h : h;
+      for (int i = 0; i < kStepsPerThread; ++i) {
+        hv = get<M>(a, i, j) * hv + u(i, j);
+        out[i][j] = want_h || !p.c.ptr ? hv : get<M>(c, i, j) * hv;
+      }
     }
+  };
+  if (p.y.ptr) {  // absent when the backward only wants chunk states
+    run(false);
+    store_block<Y, M>(p.y, blk, dim, out);
   }
-  if (p.y.ptr) store_block<Y, M>(p.y, blk, y);  // absent when the backward only wants chunk states
-  if (p.states.ptr) store_block<float, M>(p.states, blk, u);
+  if (p.states.ptr) {
+    run(true);
+    store_block<float, M>(p.states, blk, dim, out);
+  }
 }
 
 }  // namespace
 
 void launch_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out, const at::Tensor& like) {
-  ScratchSpace ws(p, like);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_io_dtype(in, "x", [&](auto tin) {
     using T = decltype(tin);
+    ScratchSpace ws(p, 32 * kFwdRows<T>, like);
     dispatch_out_dtype<T>(out, [&](auto tout) {
       using Y = decltype(tout);
-      const Mode m = pick_mode(p, {{p.x, sizeof(T)}, {p.a, sizeof(T)}, {p.b, sizeof(T)}, {p.c, sizeof(T)},
+      const Mode m = pick_mode(p, kFwdRows<T>, {{p.x, sizeof(T)}, {p.a, sizeof(T)}, {p.b, sizeof(T)}, {p.c, sizeof(T)},
                                    {p.y, sizeof(Y)}, {p.states, 4}});
       mode_switch(m, [&](auto mode) {
         fwd_kernel<T, Y, decltype(mode)::value>
