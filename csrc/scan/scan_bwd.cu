@@ -22,9 +22,9 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
   __shared__ float2 pairs[kWarps][kTileRows];
   __shared__ float edge_in[kTileRows];
   const int64_t k = blockIdx.x, strip = k % lb.n_strips, chunk = lb.n_chunks - 1 - k / lb.n_strips;
-  const Block blk = block_of<R>(p, strip, chunk);
+  const Block blk = block_of<R, M>(p, strip, chunk);
   const uint32_t dim = static_cast<uint32_t>(p.dim);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, r = threadIdx.x;
+  const int r = threadIdx.x;
   const int64_t row = strip * kTileRows + r;
   const bool row_thread = r < kTileRows && row < p.batch * p.dim;
   const int64_t rb = row_thread ? row / p.dim : 0, rd = row_thread ? row % p.dim : 0;
@@ -59,15 +59,15 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
         const float av = get<M>(a, i, j);
         pu = make_float2(av * pu.x, av * pu.y + u(i, j));
       }
-      pairs[warp][lane * R + j] = pu;
+      pairs[blk.sg][blk.rg * R + j] = pu;
     }
     if (row_thread)
       edge_in[r] = static_cast<const float*>(p.chunk_states.ptr)[rb * p.chunk_states.sb + chunk * p.chunk_states.sl + rd * p.chunk_states.sd];
     compose_warps<true, kTileRows>(pairs);
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      const float2 before = pairs[warp][lane * R + j];
-      h_before[j] = before.x * edge_in[lane * R + j] + before.y;
+      const float2 before = pairs[blk.sg][blk.rg * R + j];
+      h_before[j] = before.x * edge_in[blk.rg * R + j] + before.y;
     }
     __syncthreads();  // pairs and edge_in are reused below
   }
@@ -100,7 +100,7 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
       const float av = get<M>(a, i, j);
       pu = make_float2(av * pu.x, av * (pu.y + g(i, j)));
     }
-    pairs[warp][lane * R + j] = pu;
+    pairs[blk.sg][blk.rg * R + j] = pu;
   }
   const float2 tile = compose_warps<false, kTileRows>(pairs);
   if (r < kTileRows) {
@@ -119,8 +119,8 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
   float dh[kStepsPerThread][R];
 #pragma unroll
   for (int j = 0; j < R; ++j) {
-    const float2 after = pairs[warp][lane * R + j];
-    float carry = after.x * edge_in[lane * R + j] + after.y;
+    const float2 after = pairs[blk.sg][blk.rg * R + j];
+    float carry = after.x * edge_in[blk.rg * R + j] + after.y;
 #pragma unroll
     for (int i = kStepsPerThread - 1; i >= 0; --i) {
       dh[i][j] = g(i, j) + carry;

@@ -56,23 +56,28 @@ __device__ __forceinline__ float get(const Raw<T, R>& r, int i, int j) {
   return float(reinterpret_cast<const T*>(r.v)[idx<M, R>(i, j)]);
 }
 
-// Where a thread's block lies: first row r0 (rows r0 .. r0+kRows-1, r = b*D + d) and first
-// step t0, and which of them exist.
+// Where a thread's block lies: its step group sg (steps t0 .. t0+3 of the tile, t0 = 4*sg) and
+// row group rg (rows r0 .. r0+R-1, r = b*D + d), and which of them exist. D4/Generic: a warp
+// is a step group, its lanes the row groups. L4: 8 lanes cover a row's 32 steps, so a warp
+// reads 4 whole 128-byte row segments per vector.
 struct Block {
-  uint32_t r0, n_rows;  // rows r0 .. : row r0 + j exists iff j < n_rows
+  int sg, rg;
+  uint32_t r0, n_rows;  // row r0 + j exists iff j < n_rows
   int64_t t0;
   int n_steps;          // steps t0 .. t0 + n_steps - 1 exist
 };
 
-template <int R>
+template <int R, Mode M>
 __device__ __forceinline__ Block block_of(const ScanParams& p, int64_t strip, int64_t chunk) {
   Block blk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t r0 = strip * 32 * R + lane * R;
+  blk.sg = M == Mode::L4 ? lane % kWarps : warp;
+  blk.rg = M == Mode::L4 ? warp * (32 / kWarps) + lane / kWarps : lane;
+  const int64_t r0 = strip * 32 * R + blk.rg * R;
   const int64_t rows = p.batch * p.dim;
   blk.r0 = static_cast<uint32_t>(r0);
   blk.n_rows = static_cast<uint32_t>(r0 >= rows ? 0 : (rows - r0 < R ? rows - r0 : R));
-  blk.t0 = chunk * kChunk + warp * kStepsPerThread;
+  blk.t0 = chunk * kChunk + blk.sg * kStepsPerThread;
   const int64_t left = p.seqlen - blk.t0;
   blk.n_steps = left <= 0 ? 0 : (left < kStepsPerThread ? int(left) : kStepsPerThread);
   return blk;
@@ -203,21 +208,44 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
     return edge;
   }
   st_relaxed64(lb.agg + me, uint64_t(publishable(own.x)) | (uint64_t(publishable(own.y)) << 32));
-  // Walk back to the nearest tile that has published its state, then fold forward from it.
-  int64_t s = step - 1;
-  float h;
-  for (;;) {
-    const uint32_t st = ld_relaxed32(lb.state + me - (step - s) * stride);
-    if (st != kEmpty) {
-      h = __uint_as_float(st);
-      break;
+  // Walk back, kBatch tiles per round trip, to the nearest tile that has published its state;
+  // every tile passed on the way must have published its pair. Then fold forward from it.
+  constexpr int kBatch = 8;
+  const uint32_t* state = lb.state + me;
+  const uint64_t* agg = lb.agg + me;
+  int64_t found = -1;
+  for (int64_t s = step - 1; found < 0;) {
+    uint32_t st[kBatch];
+    uint64_t pu[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      st[q] = s - q >= 0 ? ld_relaxed32(state - (step - s + q) * stride) : kEmpty;
+      pu[q] = s - q >= 0 ? ld_relaxed64(agg - (step - s + q) * stride) : 0;
     }
-    if (uint32_t(ld_relaxed64(lb.agg + me - (step - s) * stride)) != kEmpty) --s;
-    else __nanosleep(32);
+    int q = kBatch;  // first tile (s - q) in the batch that has not only its pair
+    bool has_state = false;
+#pragma unroll
+    for (int i = kBatch - 1; i >= 0; --i) {  // unrolled, so st and pu stay in registers
+      if (s - i >= 0 && (st[i] != kEmpty || uint32_t(pu[i]) == kEmpty)) {
+        q = i;
+        has_state = st[i] != kEmpty;
+      }
+    }
+    if (has_state) {
+      found = s - q;
+    } else {
+      s -= q;  // tile s - q (if q < kBatch) has published nothing yet; step 0 always publishes its state
+      if (q < kBatch) __nanosleep(32);
+    }
   }
-  for (++s; s < step; ++s) {
-    const uint64_t pu = ld_relaxed64(lb.agg + me - (step - s) * stride);
-    h = __uint_as_float(uint32_t(pu)) * h + __uint_as_float(uint32_t(pu >> 32));
+  float h = __uint_as_float(ld_relaxed32(state - (step - found) * stride));
+  for (int64_t s = found + 1; s < step; s += kBatch) {
+    uint64_t pu[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) pu[q] = s + q < step ? ld_relaxed64(agg - (step - s - q) * stride) : 0;
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q)
+      if (s + q < step) h = __uint_as_float(uint32_t(pu[q])) * h + __uint_as_float(uint32_t(pu[q] >> 32));
   }
   st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
   return h;

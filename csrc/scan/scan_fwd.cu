@@ -20,9 +20,8 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
   __shared__ float2 pairs[kWarps][kTileRows];
   __shared__ float h_in[kTileRows];
   const int64_t k = blockIdx.x, chunk = k / lb.n_strips, strip = k % lb.n_strips;
-  const Block blk = block_of<R>(p, strip, chunk);
+  const Block blk = block_of<R, M>(p, strip, chunk);
   const uint32_t dim = static_cast<uint32_t>(p.dim);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
   Raw<T, R> a, x, b, c;
   load_block<T, M>(p.a, blk, dim, 1.f, a);
@@ -38,7 +37,7 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
       const float av = get<M>(a, i, j);
       pu = make_float2(av * pu.x, av * pu.y + u(i, j));
     }
-    pairs[warp][lane * R + j] = pu;
+    pairs[blk.sg][blk.rg * R + j] = pu;
   }
   const float2 tile = compose_warps<true, kTileRows>(pairs);
 
@@ -65,8 +64,8 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
   auto run = [&](bool want_h) {
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      const float2 before = pairs[warp][lane * R + j];
-      float hv = before.x * h_in[lane * R + j] + before.y;
+      const float2 before = pairs[blk.sg][blk.rg * R + j];
+      float hv = before.x * h_in[blk.rg * R + j] + before.y;
 #pragma unroll
       for (int i = 0; i < kStepsPerThread; ++i) {
         hv = get<M>(a, i, j) * hv + u(i, j);
