@@ -1,9 +1,14 @@
 import os
 import sys
+import tempfile
 import zlib
 
 import pytest
 import torch
+
+# A private inductor cache per run: a cache shared with other checkouts can hold graphs compiled
+# against another version of an op's schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ssm_ext_inductor_"))
 
 # Make `helpers` importable as a plain module from the test files.
 sys.path.insert(0, os.path.dirname(__file__))
