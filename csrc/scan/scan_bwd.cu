@@ -36,7 +36,6 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
   if (p.b.ptr) load_block<T, M>(p.b, blk, dim, 0.f, b);
   if (p.c.ptr) load_block<T, M>(p.c, blk, dim, 0.f, c);
   load_block<DY, M>(p.dy, blk, dim, 0.f, dy);
-  auto u = [&](int i, int j) { return p.b.ptr ? get<M>(x, i, j) * get<M>(b, i, j) : get<M>(x, i, j); };
   auto g = [&](int i, int j) { return p.c.ptr ? get<M>(c, i, j) * get<M>(dy, i, j) : get<M>(dy, i, j); };
 
   // h_{t0-1} of each row: stored, or recomputed as the forward kernel computed it.
@@ -51,16 +50,7 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
                                           : 0.f;
     }
   } else {
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      float2 pu = make_float2(1.f, 0.f);
-#pragma unroll
-      for (int i = 0; i < kStepsPerThread; ++i) {
-        const float av = get<M>(a, i, j);
-        pu = make_float2(av * pu.x, av * pu.y + u(i, j));
-      }
-      pairs[blk.sg][blk.rg * R + j] = pu;
-    }
+    step_pairs<M>(a, x, b, p.b.ptr != nullptr, blk, pairs);
     if (row_thread)
       edge_in[r] = static_cast<const float*>(p.chunk_states.ptr)[rb * p.chunk_states.sb + chunk * p.chunk_states.sl + rd * p.chunk_states.sd];
     compose_warps<true, kTileRows>(pairs);
@@ -79,7 +69,7 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
     for (int j = 0; j < R; ++j) {
       float hv = h_before[j];
 #pragma unroll
-      for (int i = 0; i < kStepsPerThread; ++i) out[i][j] = hv = get<M>(a, i, j) * hv + u(i, j);
+      for (int i = 0; i < kStepsPerThread; ++i) out[i][j] = hv = get<M>(a, i, j) * hv + bx<M>(x, b, p.b.ptr != nullptr, i, j);
     }
   };
   if (p.dc.ptr) {  // dc = h*dy

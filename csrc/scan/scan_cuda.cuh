@@ -56,6 +56,12 @@ __device__ __forceinline__ float get(const Raw<T, R>& r, int i, int j) {
   return float(reinterpret_cast<const T*>(r.v)[idx<M, R>(i, j)]);
 }
 
+// u = b*x of element (i, j) (b absent means 1).
+template <Mode M, typename T, int R>
+__device__ __forceinline__ float bx(const Raw<T, R>& x, const Raw<T, R>& b, bool has_b, int i, int j) {
+  return has_b ? get<M>(x, i, j) * get<M>(b, i, j) : get<M>(x, i, j);
+}
+
 // Where a thread's block lies: its step group sg (steps t0 .. t0+3 of the tile, t0 = 4*sg) and
 // row group rg (rows r0 .. r0+R-1, r = b*D + d), and which of them exist. D4/Generic: a warp
 // is a step group, its lanes the row groups. L4: 8 lanes cover a row's 32 steps, so a warp
@@ -249,6 +255,23 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
   }
   st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
   return h;
+}
+
+// Each row's pair for the thread's steps (h -> a*h + b*x, in step order) into pairs[sg][row].
+// The forward and the backward's recompute both go through it, so they compute the same h.
+template <Mode M, typename T, int R, int kTileRows>
+__device__ __forceinline__ void step_pairs(const Raw<T, R>& a, const Raw<T, R>& x, const Raw<T, R>& b, bool has_b,
+                                           const Block& blk, float2 (*pairs)[kTileRows]) {
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    float2 pu = make_float2(1.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < kStepsPerThread; ++i) {
+      const float av = get<M>(a, i, j);
+      pu = make_float2(av * pu.x, av * pu.y + bx<M>(x, b, has_b, i, j));
+    }
+    pairs[blk.sg][blk.rg * R + j] = pu;
+  }
 }
 
 // Composes the per-thread pairs of a tile across warps, in scan order (warp 0 first when

@@ -28,17 +28,7 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
   load_block<T, M>(p.x, blk, dim, 0.f, x);
   if (p.b.ptr) load_block<T, M>(p.b, blk, dim, 0.f, b);
   if (p.c.ptr) load_block<T, M>(p.c, blk, dim, 0.f, c);
-  auto u = [&](int i, int j) { return p.b.ptr ? get<M>(x, i, j) * get<M>(b, i, j) : get<M>(x, i, j); };
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    float2 pu = make_float2(1.f, 0.f);
-#pragma unroll
-    for (int i = 0; i < kStepsPerThread; ++i) {
-      const float av = get<M>(a, i, j);
-      pu = make_float2(av * pu.x, av * pu.y + u(i, j));
-    }
-    pairs[blk.sg][blk.rg * R + j] = pu;
-  }
+  step_pairs<M>(a, x, b, p.b.ptr != nullptr, blk, pairs);
   const float2 tile = compose_warps<true, kTileRows>(pairs);
 
   // Row thread r: the state entering the tile, from the initial state or the tiles before.
@@ -68,7 +58,7 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
       float hv = before.x * h_in[blk.rg * R + j] + before.y;
 #pragma unroll
       for (int i = 0; i < kStepsPerThread; ++i) {
-        hv = get<M>(a, i, j) * hv + u(i, j);
+        hv = get<M>(a, i, j) * hv + bx<M>(x, b, p.b.ptr != nullptr, i, j);
         out[i][j] = want_h || !p.c.ptr ? hv : get<M>(c, i, j) * hv;
       }
     }
