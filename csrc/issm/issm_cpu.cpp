@@ -24,6 +24,19 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 template <typename acc_t>
 inline acc_t sigmoid(acc_t v) { return acc_t(1) / (acc_t(1) + std::exp(-v)); }
 
+// a . b with 8 partial sums in a fixed order: the compiler vectorises it without -ffast-math
+// (a single running sum is a serial chain), and the result stays deterministic.
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
+}
+
 // The per-head constants and the per-step quantities of one (segment, head) task.
 template <typename scalar_t>
 struct Head {
@@ -76,20 +89,17 @@ struct Head {
 
   // S <- decay * S + k x^T
   void advance(acc_t* S) const {
+    const acc_t* __restrict dc = decay.data();
+    const acc_t* __restrict kk = k.data();
     for (int64_t i = 0; i < P; ++i) {
-      acc_t* s = S + i * N;
+      acc_t* __restrict s = S + i * N;
       const acc_t xi = x[i];
-      for (int64_t n = 0; n < N; ++n) s[n] = decay[n] * s[n] + k[n] * xi;
+      for (int64_t n = 0; n < N; ++n) s[n] = dc[n] * s[n] + kk[n] * xi;
     }
   }
 
   // y[i] = C . S[i] + D[i] x[i] (before the gate)
-  acc_t y(const acc_t* S, int64_t i) const {
-    const acc_t* s = S + i * N;
-    acc_t acc = 0;
-    for (int64_t n = 0; n < N; ++n) acc += C[n] * s[n];
-    return acc + D[i] * x[i];
-  }
+  acc_t y(const acc_t* S, int64_t i) const { return dot(C.data(), S + i * N, N) + D[i] * x[i]; }
 
   acc_t z(int64_t t, int64_t i) const { return acc_t(in(p.z)[p.z.at(b, t, h, i)]); }
 };
@@ -220,38 +230,41 @@ void bwd_kernel(const IssmParams& p) {
             }
             dD[a] += gy[a] * hd.x[a];
           }
-          acc_t* dC = &dC_part[part_bl(sg.b, t, h)];
-          acc_t* dB = &dB_part[part_bl(sg.b, t, h)];
+          // dC, dk and ddecay accumulate over the headdim rows; dk's slot becomes dB at the end.
+          acc_t* __restrict dC = &dC_part[part_bl(sg.b, t, h)];
+          acc_t* __restrict dk = &dB_part[part_bl(sg.b, t, h)];
           std::fill(dC, dC + N, acc_t(0));
-          std::fill(dB, dB + N, acc_t(0));  // dk until the end of the step
-          acc_t* dk = dB;
+          std::fill(dk, dk + N, acc_t(0));
           std::fill(ddecay.begin(), ddecay.end(), acc_t(0));
           scalar_t* dx = static_cast<scalar_t*>(p.dx.ptr);
+          const acc_t* __restrict Cn = hd.C.data();
+          const acc_t* __restrict dc = hd.decay.data();
+          acc_t* __restrict dd = ddecay.data();
           for (int64_t a = 0; a < P; ++a) {
-            acc_t* ds = dS.data() + a * N;
-            const acc_t* st = St + a * N;
-            const acc_t* sp = Sprev + a * N;
+            acc_t* __restrict ds = dS.data() + a * N;
+            const acc_t* __restrict st = St + a * N;
+            const acc_t* __restrict sp = Sprev + a * N;
             const acc_t g = gy[a], xa = hd.x[a];
-            acc_t dxa = hd.D[a] * g;
             for (int64_t n = 0; n < N; ++n) {
-              ds[n] += hd.C[n] * g;
+              ds[n] += Cn[n] * g;
               dC[n] += st[n] * g;
-              dxa += ds[n] * hd.k[n];
-              dk[n] += ds[n] * xa;
-              ddecay[n] += ds[n] * sp[n];
-              ds[n] *= hd.decay[n];
             }
-            dx[p.dx.at(sg.b, t, h, a)] = scalar_t(dxa);
+            dx[p.dx.at(sg.b, t, h, a)] = scalar_t(hd.D[a] * g + dot(ds, hd.k.data(), N));
+            for (int64_t n = 0; n < N; ++n) {
+              dk[n] += ds[n] * xa;
+              dd[n] += ds[n] * sp[n];
+              ds[n] *= dc[n];
+            }
           }
           scalar_t* ddt = static_cast<scalar_t*>(p.ddt.ptr);
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t dd = ddecay[n] * hd.decay[n];
-            const acc_t ddelta = dk[n] * hd.Bv[n] + dd * hd.A[n];
-            dA[n] += dd * hd.delta[n];
+            const acc_t dlog = dd[n] * dc[n];  // gradient of delta*A
+            const acc_t ddelta = dk[n] * hd.Bv[n] + dlog * hd.A[n];
+            dA[n] += dlog * hd.delta[n];
             const acc_t dv = ddelta * hd.ddelta_ddt[n];
             ddt[p.ddt.at(sg.b, t, h, n)] = scalar_t(dv);
             dbias[n] += dv;
-            dB[n] = dk[n] * hd.delta[n];
+            dk[n] *= hd.delta[n];  // now dB
           }
           if (reset) std::fill(dS.begin(), dS.end(), acc_t(0));
         }
