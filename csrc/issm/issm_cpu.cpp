@@ -186,13 +186,13 @@ void bwd_kernel(const IssmParams& p) {
 
       // ckpt[j]: the state before step t0 + j*K (before any reset there); ckpt[0] is the initial state.
       load_initial(p, i, h, ckpt.data());
-      {
-        std::vector<acc_t> S(ckpt.begin(), ckpt.begin() + PN);
-        for (int64_t t = sg.t0; t < sg.t1; ++t) {
-          if ((t - sg.t0) % K == 0) std::copy(S.begin(), S.end(), ckpt.begin() + ((t - sg.t0) / K) * PN);
-          if (t > sg.t0 && resets_at(p, sg.b, t)) std::fill(S.begin(), S.end(), acc_t(0));
+      for (int64_t j = 1; j < nblk; ++j) {
+        acc_t* S = ckpt.data() + j * PN;
+        std::copy(S - PN, S, S);
+        for (int64_t t = sg.t0 + (j - 1) * K; t < sg.t0 + j * K; ++t) {
+          if (t > sg.t0 && resets_at(p, sg.b, t)) std::fill(S, S + PN, acc_t(0));
           hd.load(t, false);
-          hd.advance(S.data());
+          hd.advance(S);
         }
       }
 
