@@ -24,4 +24,19 @@ TORCH_LIBRARY(ssm_ext, m) {
         "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, Tensor? states, "
         "Tensor? chunk_states, Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ISSM chunked scan, per-state decay (csrc/issm); absent gradients come back as empty tensors
+  m.def("issm_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, Tensor? z, "
+        "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, bool dt_softplus, "
+        "float dt_limit_lo, float dt_limit_hi, bool return_final_states) -> (Tensor out, Tensor final_states)");
+  m.def("issm_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, Tensor? z, "
+        "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, bool dt_softplus, "
+        "float dt_limit_lo, float dt_limit_hi, Tensor dout, Tensor? dfinal_states) -> (Tensor dx, Tensor ddt, "
+        "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
+
+  // gated RMSNorm (csrc/norm)
+  m.def("rmsnorm_gated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, int group_size, "
+        "bool norm_before_gate) -> (Tensor out, Tensor rstd)");
+  m.def("rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, Tensor rstd, "
+        "int group_size, bool norm_before_gate) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
 }

@@ -128,3 +128,87 @@ def _scan_backward(ctx, dy, dfinal, _dstates, _dchunk_states):
 
 
 torch.library.register_autograd("ssm_ext::scan_fwd", _scan_backward, setup_context=_scan_setup_context)
+
+
+# ---------------------------------------------------------------- ISSM scan
+
+@torch.library.register_fake("ssm_ext::issm_fwd")
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
+      dt_limit_lo, dt_limit_hi, return_final_states):
+    b, _, h, p = x.shape
+    nseq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = _scan_state_dtype(x)
+    final = x.new_empty(nseq, h, p, B.shape[3], dtype=sd) if return_final_states else x.new_empty(0, dtype=sd)
+    return x.new_empty(x.shape), final
+
+
+@torch.library.register_fake("ssm_ext::issm_bwd")
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
+      dt_limit_lo, dt_limit_hi, dout, dfinal_states):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
+    return (like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_states))
+
+
+def _issm_setup_context(ctx, inputs, output):
+    (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
+     lo, hi, return_final_states) = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
+    ctx.args = (chunk_size, dt_softplus, lo, hi)
+    ctx.return_final_states = return_final_states
+    ctx.set_materialize_grads(False)
+
+
+def _issm_backward(ctx, dout, dfinal):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens = ctx.saved_tensors
+    chunk_size, dt_softplus, lo, hi = ctx.args
+    dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype)
+    if dfinal is not None and ctx.return_final_states:
+        dfinal = dfinal.to(_scan_state_dtype(x))
+    else:
+        dfinal = None
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ops.issm_bwd(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, lo, hi,
+        dout, dfinal)
+    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if z is not None else None,
+            ddt_bias if dt_bias is not None else None, dinit if initial_states is not None else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("ssm_ext::issm_fwd", _issm_backward, setup_context=_issm_setup_context)
+
+
+# ---------------------------------------------------------------- gated RMSNorm
+
+@torch.library.register_fake("ssm_ext::rmsnorm_gated_fwd")
+def _(x, weight, bias, z, eps, group_size, norm_before_gate):
+    rstd = x.new_empty(*x.shape[:-1], x.shape[-1] // group_size, dtype=_scan_state_dtype(x))
+    return x.new_empty(x.shape), rstd
+
+
+@torch.library.register_fake("ssm_ext::rmsnorm_gated_bwd")
+def _(dout, x, weight, bias, z, rstd, group_size, norm_before_gate):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0)
+    return like(x), like(weight), like(bias), like(z)
+
+
+def _rmsnorm_setup_context(ctx, inputs, output):
+    x, weight, bias, z, eps, group_size, norm_before_gate = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, bias, z, rstd)
+    ctx.args = (group_size, norm_before_gate)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _rmsnorm_backward(ctx, dout, _drstd):
+    x, weight, bias, z, rstd = ctx.saved_tensors
+    group_size, norm_before_gate = ctx.args
+    dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype)
+    dx, dweight, dbias, dz = ops.rmsnorm_gated_bwd(dout, x, weight, bias, z, rstd, group_size, norm_before_gate)
+    return dx, dweight, dbias if bias is not None else None, dz if z is not None else None, None, None, None
+
+
+torch.library.register_autograd("ssm_ext::rmsnorm_gated_fwd", _rmsnorm_backward,
+                                setup_context=_rmsnorm_setup_context)

@@ -12,9 +12,13 @@ import torch
 
 import ssm_ext
 from ssm_ext.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssm_ext.issm import ISSM_chunk_scan_combined
+from ssm_ext.norm import rmsnorm_fn
 from ssm_ext.quick_ssm import scan as quick_scan
 from ssm_ext.quick_ssm import scan_step
 from ssm_ext.reference import causal_conv1d as ref_conv
+from ssm_ext.reference import issm as ref_issm
+from ssm_ext.reference import norm as ref_norm
 from ssm_ext.reference import scan as ref_scan
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -149,7 +153,60 @@ def scan(d):
     d.time("scan fwd+bwd (checkpoint)", lambda: torch.autograd.grad(quick_scan(x, a, b, c), [x, a, b, c], gy))
 
 
-FAMILIES = [causal_conv1d, scan]
+def issm(d):
+    if d.cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::issm_fwd", "CUDA"):
+        print("  skipped: the ISSM scan has no CUDA kernel yet (it runs on the CPU)")
+        return
+    b, L, H, G, P, N = 2, 100, 4, 2, 8, 16
+    print(f"  checks: x ({b}, {L}, {H}, {P}), dstate {N}, {G} groups, D, z, dt_bias, softplus, "
+          "initial and final states; gated RMSNorm")
+    for dtype in d.dtypes:
+        tol = TOL[dtype]
+        dev = d.device
+        x, z = (torch.randn(b, L, H, P, device=dev, dtype=dtype).requires_grad_() for _ in range(2))
+        dt = (torch.randn(b, L, H, N, device=dev) - 1).to(dtype).requires_grad_()
+        B, C = (torch.randn(b, L, G, N, device=dev, dtype=dtype).requires_grad_() for _ in range(2))
+        A = (-torch.rand(H, N, device=dev) - 0.5).requires_grad_()
+        D, dt_bias = torch.randn(H, P, device=dev).requires_grad_(), torch.randn(H, device=dev).requires_grad_()
+        h0 = torch.randn(b, H, P, N, device=dev).requires_grad_()
+        ins = [x, dt, A, B, C, D, z, dt_bias, h0]
+        leaves = [t.detach().double().requires_grad_() for t in ins]
+        r_out, r_fs = ref_issm.issm_chunk_scan(*leaves[:5], D=leaves[5], z=leaves[6], dt_bias=leaves[7],
+                                               initial_states=leaves[8], dt_softplus=True)
+        g_out, g_fs = torch.randn_like(r_out), torch.randn_like(r_fs)
+        r_grads = torch.autograd.grad([r_out, r_fs], leaves, [g_out, g_fs])
+        out, fs = ISSM_chunk_scan_combined(x, dt, A, B, C, 64, D=D, z=z, dt_bias=dt_bias, initial_states=h0,
+                                           dt_softplus=True, return_final_states=True)
+        grads = torch.autograd.grad([out, fs], ins, [g_out.to(out.dtype), g_fs.float()])
+        tag = str(dtype)[6:]
+        d.check(f"issm {tag} out", out, r_out, tol)
+        d.check(f"issm {tag} final states", fs, r_fs, 1e-5)
+        for n, g, rg in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states"), grads,
+                            r_grads):
+            d.check(f"issm {tag} {n}", g, rg, tol)
+        y = out.detach().reshape(b, L, H * P)
+        w = torch.randn(H * P, device=dev)
+        d.check(f"rmsnorm_gated {tag}", rmsnorm_fn(y, w, None, z.detach().reshape(y.shape), 1e-5, P, False),
+                ref_norm.rmsnorm_gated(y, w, None, z.detach().reshape(y.shape), 1e-5, P, False), tol)
+    dt_ = d.bench_dtype
+    b, L, H, P, N = (8, 1024, 8, 36, 128) if d.cuda else (2, 512, 8, 36, 64)
+    print(f"  timings: x ({b}, {L}, {H}, {P}), dstate {N}, initial and final states, {str(dt_)[6:]}")
+    x = torch.randn(b, L, H, P, device=d.device, dtype=dt_).requires_grad_()
+    dt = (0.1 * torch.rand(b, L, H, N, device=d.device)).to(dt_).requires_grad_()
+    B, C = (torch.randn(b, L, 1, N, device=d.device, dtype=dt_).requires_grad_() for _ in range(2))
+    A = (-torch.rand(H, N, device=d.device)).requires_grad_()
+    h0 = torch.randn(b, H, P, N, device=d.device).requires_grad_()
+
+    def run():
+        return ISSM_chunk_scan_combined(x, dt, A, B, C, 128, initial_states=h0, return_final_states=True)
+
+    out, fs = run()
+    g = [torch.randn_like(out), torch.randn_like(fs)]
+    d.time("ISSM_chunk_scan_combined fwd", run)
+    d.time("ISSM_chunk_scan_combined fwd+bwd", lambda: torch.autograd.grad(run(), [x, dt, A, B, C, h0], g))
+
+
+FAMILIES = [causal_conv1d, scan, issm]
 
 
 def main():
