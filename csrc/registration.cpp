@@ -24,4 +24,18 @@ TORCH_LIBRARY(ssm_ext, m) {
         "ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, Tensor? states, "
         "Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // HSTU pointwise-SiLU attention on jagged sequences, dense and block-sparse (csrc/hstu_bsa)
+  m.def("hstu_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "Tensor? attn_mask) -> Tensor");
+  m.def("hstu_attn_bwd(Tensor q, Tensor k, Tensor v, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "Tensor? attn_mask, Tensor dout) -> (Tensor, Tensor, Tensor)");
+  m.def("hstu_bsa_topk(Tensor q, Tensor k, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "int block_size, int block_counts) -> Tensor");
+  m.def("hstu_bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor? u, Tensor gates, Tensor block_idx, "
+        "Tensor x_offsets, int n, int num_heads, float alpha, int block_size, int window_size, "
+        "Tensor? attn_mask) -> Tensor");
+  m.def("hstu_bsa_bwd(Tensor q, Tensor k, Tensor v, Tensor? u, Tensor gates, Tensor block_idx, "
+        "Tensor x_offsets, int n, int num_heads, float alpha, int block_size, int window_size, "
+        "Tensor? attn_mask, Tensor dout) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
