@@ -1,5 +1,5 @@
-"""Twin of the seed's HSTU-BSA package (`speed_exp.triton_bsa` / `speed_exp.triton`, and
-`model.GateModel`): re-exports ssm_ext.hstu_bsa."""
+"""Twin of the seed's HSTU-BSA packages `speed_exp.triton_bsa` / `speed_exp.triton` (and, as
+`.model.GateModel`, of `model.GateModel`): re-exports ssm_ext.hstu_bsa."""
 from ssm_ext.hstu_bsa import (  # noqa: F401
     GateModel,
     TritonHSTUBSAAttention,
