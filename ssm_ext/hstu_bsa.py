@@ -23,6 +23,7 @@ __all__ = ["triton_hstu_attention_with_bsa", "hstu_attention", "triton_block_spa
 
 def _padded_rows(x_offsets, total, n):
     """Row b*n + (t - x_offsets[b]) of the (B*n)-row padded layout for each jagged row t."""
+    x_offsets = x_offsets.to(torch.int64)
     t = torch.arange(total, device=x_offsets.device)
     b = torch.searchsorted(x_offsets[1:], t, right=True)
     return b * n + t - x_offsets[b]

@@ -177,6 +177,28 @@ def test_fwd_sizes(device, case):
     _check_fwd(lens, F32, device, n=n, bs=bs, counts=counts, window=2)
 
 
+@pytest.mark.parametrize("lens", [[0, 0], []], ids=["all_empty", "no_sequences"])
+def test_empty(device, lens):
+    """T = 0: empty outputs and gradients, padded_q of B rows of zeros."""
+    q, k, v, u, gates, off = (_leaf(t) if t.is_floating_point() else t for t in _inputs(lens, F32, device))
+    out, _, pq, _ = _bsa(q, k, v, u, gates, off, n=4)
+    dense, _, _ = hstu_attention(H, DA, DL, q, k, v, off, torch.zeros(1, 4, 4))
+    assert out.shape == dense.shape == (0, H * DL) and pq.shape == (len(lens), 4, H, DA)
+    assert pq.abs().sum() == 0
+    grads = torch.autograd.grad(out.sum() + dense.sum(), (q, k, v, u, gates))
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (q, k, v, u, gates)]
+
+
+def test_int32_offsets(device):
+    """The public functions take int32 x_offsets too (the ops take int64)."""
+    q, k, v, u, gates, off = _inputs(LENS, F32, device)
+    outs = [triton_hstu_attention_with_bsa(H, DA, DL, q, k, v, u, o, torch.zeros(1, N, N), gates)[0]
+            for o in (off.int(), off)]
+    assert torch.equal(*outs)
+    dense = [hstu_attention(H, DA, DL, q, k, v, o, torch.zeros(1, N, N))[0] for o in (off.int(), off)]
+    assert torch.equal(*dense)
+
+
 def test_fwd_head_dims(device):
     """Wider heads (32 / 16) and four heads."""
     _check_fwd([40, 9], F32, device, n=40, heads=4, da=32, dl=16, bs=8, counts=3, window=5)
@@ -253,9 +275,8 @@ def test_fwd_attn_mask(device, kind):
     assert not torch.allclose(out, plain), "the mask changed nothing"
 
 
-def _gate_model(device, dtype=F32):
-    gm = GateModel(DA, hidden_dim=16).to(device=device, dtype=dtype)
-    return gm
+def _gate_model(device):
+    return GateModel(DA, hidden_dim=16).to(device)
 
 
 def _ref_gates(gm, q, off, n=N):
@@ -505,7 +526,8 @@ def test_layer_vs_reference(device):
     grads = torch.autograd.grad(out, [x] + params, dout)
     rparams = list(L64.parameters()) + list(g64.parameters())
     rgrads = torch.autograd.grad(r, [x64] + rparams, _cpu(dout).double())
-    names = ["dx"] + [f"d{nm}" for nm, _ in layer.named_parameters()] + [f"dgate.{nm}" for nm, _ in gm.named_parameters()]
+    names = (["dx"] + [f"d{nm}" for nm, _ in layer.named_parameters()]
+             + [f"dgate.{nm}" for nm, _ in gm.named_parameters()])
     for name, g, rg in zip(names, grads, rgrads):
         assert_rel(g, rg, 1e-4, f"layer {name}")
 
