@@ -117,7 +117,7 @@ struct Head {
     std::vector<acc_t> r(len * d);
     const scalar_t* src = static_cast<const scalar_t*>(m.ptr);
     for (int64_t t = 0; t < len; ++t)
-      for (int64_t i = 0; i < d; ++i) r[t * d + i] = acc_t(src[(start + t) * m.st + (h * d + i) * m.sc]);
+      for (int64_t i = 0; i < d; ++i) r[t * d + i] = acc_t(src[at(m, t, d, i)]);
     return r;
   }
 
