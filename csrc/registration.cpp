@@ -39,4 +39,18 @@ TORCH_LIBRARY(ssm_ext, m) {
         "bool norm_before_gate) -> (Tensor out, Tensor rstd)");
   m.def("rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, Tensor rstd, "
         "int group_size, bool norm_before_gate) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
+
+  // HSTU pointwise-SiLU attention on jagged sequences, dense and block-sparse (csrc/hstu_bsa)
+  m.def("hstu_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "Tensor? attn_mask) -> Tensor");
+  m.def("hstu_attn_bwd(Tensor q, Tensor k, Tensor v, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "Tensor? attn_mask, Tensor dout) -> (Tensor, Tensor, Tensor)");
+  m.def("hstu_bsa_topk(Tensor q, Tensor k, Tensor x_offsets, int n, int num_heads, float alpha, "
+        "int block_size, int block_counts) -> Tensor");
+  m.def("hstu_bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor? u, Tensor gates, Tensor block_idx, "
+        "Tensor x_offsets, int n, int num_heads, float alpha, int block_size, int window_size, "
+        "Tensor? attn_mask) -> Tensor");
+  m.def("hstu_bsa_bwd(Tensor q, Tensor k, Tensor v, Tensor? u, Tensor gates, Tensor block_idx, "
+        "Tensor x_offsets, int n, int num_heads, float alpha, int block_size, int window_size, "
+        "Tensor? attn_mask, Tensor dout) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -212,3 +212,70 @@ def _rmsnorm_backward(ctx, dout, _drstd):
 
 torch.library.register_autograd("ssm_ext::rmsnorm_gated_fwd", _rmsnorm_backward,
                                 setup_context=_rmsnorm_setup_context)
+
+
+# ---------------------------------------------------------------- HSTU attention (dense, block-sparse)
+
+def _hstu_out(q, v):
+    return q.new_empty(q.shape[0], v.shape[1])
+
+
+@torch.library.register_fake("ssm_ext::hstu_attn_fwd")
+def _(q, k, v, x_offsets, n, num_heads, alpha, attn_mask):
+    return _hstu_out(q, v)
+
+
+@torch.library.register_fake("ssm_ext::hstu_attn_bwd")
+def _(q, k, v, x_offsets, n, num_heads, alpha, attn_mask, dout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _hstu_attn_setup_context(ctx, inputs, output):
+    q, k, v, x_offsets, n, num_heads, alpha, attn_mask = inputs
+    ctx.save_for_backward(q, k, v, x_offsets, attn_mask)
+    ctx.args = (n, num_heads, alpha)
+
+
+def _hstu_attn_backward(ctx, dout):
+    q, k, v, x_offsets, attn_mask = ctx.saved_tensors
+    n, num_heads, alpha = ctx.args
+    dq, dk, dv = ops.hstu_attn_bwd(q, k, v, x_offsets, n, num_heads, alpha, attn_mask, dout.to(q.dtype))
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("ssm_ext::hstu_attn_fwd", _hstu_attn_backward,
+                                setup_context=_hstu_attn_setup_context)
+
+
+@torch.library.register_fake("ssm_ext::hstu_bsa_topk")
+def _(q, k, x_offsets, n, num_heads, alpha, block_size, block_counts):
+    return q.new_empty(q.shape[0], num_heads, block_counts, dtype=torch.int32)
+
+
+@torch.library.register_fake("ssm_ext::hstu_bsa_fwd")
+def _(q, k, v, u, gates, block_idx, x_offsets, n, num_heads, alpha, block_size, window_size, attn_mask):
+    return _hstu_out(q, v)
+
+
+@torch.library.register_fake("ssm_ext::hstu_bsa_bwd")
+def _(q, k, v, u, gates, block_idx, x_offsets, n, num_heads, alpha, block_size, window_size, attn_mask, dout):
+    du = v.new_empty(v.shape) if u is not None else v.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), du, gates.new_empty(gates.shape)
+
+
+def _hstu_bsa_setup_context(ctx, inputs, output):
+    q, k, v, u, gates, block_idx, x_offsets, n, num_heads, alpha, block_size, window_size, attn_mask = inputs
+    ctx.save_for_backward(q, k, v, u, gates, block_idx, x_offsets, attn_mask)
+    ctx.args = (n, num_heads, alpha, block_size, window_size)
+
+
+def _hstu_bsa_backward(ctx, dout):
+    q, k, v, u, gates, block_idx, x_offsets, attn_mask = ctx.saved_tensors
+    n, num_heads, alpha, block_size, window_size = ctx.args
+    dq, dk, dv, du, dgates = ops.hstu_bsa_bwd(q, k, v, u, gates, block_idx, x_offsets, n, num_heads, alpha,
+                                              block_size, window_size, attn_mask, dout.to(q.dtype))
+    # the selected block indices are constants for the gradient
+    return (dq, dk, dv, du if u is not None else None, dgates, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("ssm_ext::hstu_bsa_fwd", _hstu_bsa_backward, setup_context=_hstu_bsa_setup_context)

@@ -12,11 +12,13 @@ import torch
 
 import ssm_ext
 from ssm_ext.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssm_ext.hstu_bsa import hstu_attention, triton_hstu_attention_with_bsa
 from ssm_ext.issm import ISSM_chunk_scan_combined
 from ssm_ext.norm import rmsnorm_fn
 from ssm_ext.quick_ssm import scan as quick_scan
 from ssm_ext.quick_ssm import scan_step
 from ssm_ext.reference import causal_conv1d as ref_conv
+from ssm_ext.reference import hstu_bsa as ref_hstu
 from ssm_ext.reference import issm as ref_issm
 from ssm_ext.reference import norm as ref_norm
 from ssm_ext.reference import scan as ref_scan
@@ -206,7 +208,66 @@ def issm(d):
     d.time("ISSM_chunk_scan_combined fwd+bwd", lambda: torch.autograd.grad(run(), [x, dt, A, B, C, h0], g))
 
 
-FAMILIES = [causal_conv1d, scan, issm]
+def hstu_bsa(d):
+    if d.cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::hstu_bsa_fwd", "CUDA"):
+        print("  skipped: HSTU attention has no CUDA kernel yet (it runs on the CPU)")
+        return
+    H, da, dl, bs, counts, window = 2, 16, 12, 4, 3, 5
+    lens = [1, 9, 30, 0, 17]
+    n = max(lens)
+    off = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=d.device)
+    T = sum(lens)
+    print(f"  checks: lengths {lens}, H {H}, dqk {da}, dv {dl}, block_size {bs}, block_counts {counts}, "
+          f"window {window}, attn_mask")
+    mask = (torch.rand(len(lens), n, n, device=d.device) < 0.8).float()
+    for dtype in d.dtypes:
+        tol = TOL[dtype]
+        q, k = (torch.randn(T, H * da, device=d.device, dtype=dtype).requires_grad_() for _ in range(2))
+        v, u = (torch.randn(T, H * dl, device=d.device, dtype=dtype).requires_grad_() for _ in range(2))
+        gates = torch.rand(T, H, 3, device=d.device).requires_grad_()
+        out, _, _ = triton_hstu_attention_with_bsa(H, da, dl, q, k, v, u, off, mask, gates, block_counts=counts,
+                                                   block_size=bs, window_size=window, attn_mask=mask)
+        idx = torch.ops.ssm_ext.hstu_bsa_topk(q.detach(), k.detach(), off, n, H, da ** -0.5, bs, counts)
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, u, gates)]
+        r_out, _ = ref_hstu.hstu_bsa(*leaves, off.cpu(), n, H, bs, counts, window, attn_mask=mask.cpu(),
+                                     block_idx=idx.cpu())
+        gout = torch.randn_like(r_out)
+        grads = torch.autograd.grad(out, [q, k, v, u, gates], gout.to(d.device, dtype))
+        r_grads = torch.autograd.grad(r_out, leaves, gout)
+        tag = str(dtype)[6:]
+        d.check(f"triton_hstu_attention_with_bsa {tag} out", out, r_out, tol)
+        for name, g, rg in zip(("dq", "dk", "dv", "du", "dgates"), grads, r_grads):
+            d.check(f"triton_hstu_attention_with_bsa {tag} {name}", g, rg, 2 * tol)
+        d.check(f"hstu_bsa_topk {tag} == reference", idx.cpu().double(),
+                ref_hstu.select_blocks(q.detach().cpu(), k.detach().cpu(), off.cpu(), H, bs, counts).double(), 0.0)
+        dense, _, _ = hstu_attention(H, da, dl, q, k, v, off, mask, attn_mask=mask)
+        d.check(f"hstu_attention {tag} out", dense,
+                ref_hstu.hstu_attention(*leaves[:3], off.cpu(), n, H, attn_mask=mask.cpu()), tol)
+    dt = d.bench_dtype
+    B, L, H, da, bs, counts, window = (8, 4096, 4, 128, 64, 16, 512) if d.cuda else (4, 512, 2, 64, 32, 4, 64)
+    print(f"  timings: {B} sequences of {L}, H {H}, dqk = dv = {da}, {str(dt)[6:]}, block_size {bs}, "
+          f"block_counts {counts}, window {window}")
+    off = torch.arange(B + 1, device=d.device) * L
+    q, k, v, u = (torch.randn(B * L, H * da, device=d.device, dtype=dt).requires_grad_() for _ in range(4))
+    gates = torch.rand(B * L, H, 3, device=d.device)
+    size = torch.empty(0, L, L, device=d.device)
+    gout = torch.randn(B * L, H * da, device=d.device, dtype=dt)
+
+    def sparse():
+        return triton_hstu_attention_with_bsa(H, da, da, q, k, v, u, off, size, gates, block_counts=counts,
+                                              block_size=bs, window_size=window)[0]
+
+    def dense():
+        return hstu_attention(H, da, da, q, k, v, off, size)[0]
+
+    d.time("hstu_attention (dense) fwd", dense, reps=3, warmup=1)
+    d.time("hstu_attention (dense) fwd+bwd", lambda: torch.autograd.grad(dense(), [q, k, v], gout), reps=3, warmup=1)
+    d.time("triton_hstu_attention_with_bsa fwd", sparse, reps=3, warmup=1)
+    d.time("triton_hstu_attention_with_bsa fwd+bwd", lambda: torch.autograd.grad(sparse(), [q, k, v, u], gout),
+           reps=3, warmup=1)
+
+
+FAMILIES = [causal_conv1d, scan, issm, hstu_bsa]
 
 
 def main():

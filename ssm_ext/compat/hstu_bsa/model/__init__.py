@@ -1,0 +1,1 @@
+"""Twin of the seed's `model` package (only its GateModel module)."""
