@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build ssm_ext, build the peers in the background, run the CUDA
 # tests and compute-sanitizer while they build, then the benchmarks. Logs go to $OUT.
-# Stages: STAGES="build test sanitize bench" (any subset); TESTS narrows the test files (default tests).
+# Stages: STAGES="build test sanitize bench" (any subset); TESTS narrows the test files (default tests),
+# TEST_K the CUDA tests (a pytest -k expression).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build test sanitize bench"}
@@ -23,7 +24,7 @@ if has build; then
 fi
 if has test; then
   # bad-input tests in their own process, so that a crash there cannot hide other results
-  python3 -m pytest $TESTS -m cuda -q -p no:cacheprovider -k "not bad" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | grep -v DEBUG | tail -8
+  python3 -m pytest $TESTS -m cuda -q -p no:cacheprovider -k "not bad${TEST_K:+ and ($TEST_K)}" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | grep -v DEBUG | tail -8
   python3 -m pytest $TESTS -m cuda -q -p no:cacheprovider -k "bad" 2>&1 | tee "$OUT/test_cuda_bad.log" | grep -v DEBUG | tail -4
   stamp "cuda tests done"
 fi

@@ -95,7 +95,12 @@ def _(x, a, b, c, initial_state, store_states, out_dtype):
     final = x.new_empty(x.shape[0], x.shape[2], dtype=sd)
     states = torch.empty_like(x, dtype=sd) if store_states else x.new_empty(0, dtype=sd)
     n_chunks = (x.shape[1] + SCAN_CHUNK - 1) // SCAN_CHUNK
-    chunk_states = x.new_empty(0, dtype=sd) if store_states else x.new_empty(x.shape[0], n_chunks, x.shape[2], dtype=sd)
+    if store_states:
+        chunk_states = x.new_empty(0, dtype=sd)
+    elif x.stride(1) == 1 and x.shape[1] > 1:  # laid out like x, as empty_chunk_states in csrc/scan/scan.cpp
+        chunk_states = x.new_empty(x.shape[0], x.shape[2], n_chunks, dtype=sd).transpose(1, 2)
+    else:
+        chunk_states = x.new_empty(x.shape[0], n_chunks, x.shape[2], dtype=sd)
     return y, final, states, chunk_states
 
 

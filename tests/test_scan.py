@@ -464,6 +464,22 @@ def test_bwd_sizes(device, B, L, D):
     _check_grads(x, a, b, c, h0, True)
 
 
+@pytest.mark.parametrize("dtype,out_dtype", [(F32, None), (BF16, None), (BF16, F32), (F16, None)])
+@pytest.mark.parametrize("opts", ["plain", "allopts", "stored"])
+def test_time_contiguous_many_rows(device, dtype, out_dtype, opts):
+    """(B, D, L)-contiguous inputs with enough rows (b, d) that CUDA runs one warp per row (the
+    accelerated-scan layout); L = 264 ends inside a segment of the row walk. Forward and gradients
+    vs the reference, with and without b, c, initial state, in checkpoint and stored-states mode."""
+    B, L, D = 2, 264, 1100
+    on = opts != "plain"
+    x, a, b, c, h0 = (None if t is None else (t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 3 else t)
+                      for t in _inputs(B, L, D, dtype, device, on, on, on))
+    assert x.stride(1) == 1
+    _check_fwd(x, a, b, c, h0, out_dtype=out_dtype, checkpoint=opts != "stored")
+    _check_grads(x, a, b, c, h0, True, out_dtype=out_dtype, tol=1e-2 if dtype != F32 else 1e-5,
+                 checkpoint=opts != "stored")
+
+
 def test_bwd_only_final_state(device):
     """Only the final state carries a gradient (y unused): dc is zero, the rest flows back."""
     x, a, b, c, h0 = _inputs(2, 17, 6, F32, device, True, True, True)
@@ -602,6 +618,17 @@ def test_opcheck_fwd(device, b_on, c_on, init_on, store, out_dtype, dtype):
     op = torch.ops.ssm_ext.scan_fwd.default
     torch.library.opcheck(op, schema_args(op, dict(x=x, a=a, b=b, c=c, initial_state=h0,
                                                     store_states=store, out_dtype=out_dtype)))
+
+
+def test_opcheck_fwd_time_contiguous(device):
+    """(B, D, L)-contiguous inputs: y and the chunk states keep x's layout (time steps contiguous),
+    and the fake kernel says so too."""
+    x, a = (_leaf(t.transpose(1, 2).contiguous().transpose(1, 2)) for t in _inputs(2, 70, 6, F32, device, False)[:2])
+    y, _, _, cs = torch.ops.ssm_ext.scan_fwd(x, a, None, None, None, False, None)
+    assert y.stride(1) == 1 and cs.shape == (2, 3, 6) and cs.stride(1) == 1
+    op = torch.ops.ssm_ext.scan_fwd.default
+    torch.library.opcheck(op, schema_args(op, dict(x=x, a=a, b=None, c=None, initial_state=None,
+                                                    store_states=False, out_dtype=None)))
 
 
 @pytest.mark.parametrize("b_on,c_on,init_on,store,out_dtype,dtype", OP_COMBOS)

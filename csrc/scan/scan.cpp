@@ -43,6 +43,12 @@ void check_inputs(ScanParams& p, const at::Tensor& x, const at::Tensor& a,
 
 }  // namespace
 
+at::Tensor empty_chunk_states(const at::Tensor& x, const at::TensorOptions& opt) {
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  if (x.stride(1) == 1 && L > 1) return at::empty({B, D, num_chunks(L)}, opt).transpose(1, 2);
+  return at::empty({B, num_chunks(L), D}, opt);
+}
+
 FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& b,
                     const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& initial_state,
                     bool store_states, c10::optional<at::ScalarType> out_dtype) {
@@ -58,7 +64,7 @@ FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& a, const c10::optiona
   // Either the full states or, for the recomputing backward, h at every chunk start.
   const auto sopt = x.options().dtype(state_dtype(x));
   r.states = store_states ? at::empty_like(x, sopt) : at::empty({0}, sopt);
-  r.chunk_states = store_states ? at::empty({0}, sopt) : at::empty({p.batch, num_chunks(p.seqlen), p.dim}, sopt);
+  r.chunk_states = store_states ? at::empty({0}, sopt) : empty_chunk_states(x, sopt);
   p.y = view_bld(r.y);
   p.y_dtype = dtype_of(r.y);
   p.final_state = view_bld(r.final_state);

@@ -41,6 +41,10 @@ struct BwdArgs {
   ScanParams p;
 };
 
+// (B, num_chunks(L), D), laid out like x: a row's chunk states are contiguous when x's time
+// steps are, so the kernels that walk rows along L write them in whole sectors.
+at::Tensor empty_chunk_states(const at::Tensor& x, const at::TensorOptions& opt);
+
 FwdArgs prepare_fwd(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& b,
                     const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& initial_state,
                     bool store_states, c10::optional<at::ScalarType> out_dtype);

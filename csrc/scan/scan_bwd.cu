@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dy = view_bld(dy_direct);
   at::Tensor own_chunk_states;
   if (!p.states.ptr && !p.chunk_states.ptr) {  // nothing saved: a forward pass makes the chunk states
-    own_chunk_states = at::empty({p.batch, num_chunks(p.seqlen), p.dim}, x.options().dtype(at::kFloat));
+    own_chunk_states = empty_chunk_states(x, x.options().dtype(at::kFloat));
     ScanParams fp = p;
     fp.chunk_states = view_bld(own_chunk_states);
     fp.y = View3{};
@@ -166,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     launch_fwd(fp, x.scalar_type(), x.scalar_type(), x);
     p.chunk_states = fp.chunk_states;
   }
+  if (launch_rows_bwd(p, x.scalar_type(), dy_direct.scalar_type())) return result();
   ScratchSpace ws(p, 32 * kBwdRows, x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tin) {

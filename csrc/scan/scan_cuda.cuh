@@ -363,5 +363,10 @@ void dispatch_out_dtype(at::ScalarType out, F&& f) {
 // The forward kernel; with p.y absent it only produces the chunk states (for the backward).
 void launch_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out, const at::Tensor& like);
 
+// Row mode (scan_rows.cu), for L-contiguous layouts with many rows; false when p does not
+// allow it (then the tiles run). The backward needs chunk states and no stored states.
+bool launch_rows_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out);
+bool launch_rows_bwd(const ScanParams& p, at::ScalarType in, at::ScalarType dy);
+
 }  // namespace scan
 }  // namespace ssm_ext

@@ -58,11 +58,12 @@ def scan(x, a, b=None, c=None, initial_state=None):
             f"initial_state shape {tuple(initial_state.shape)} != {(Bsz, D)}"
         h = _as64(initial_state)
 
+    # unbind, not x64[:, t]: its backward stacks the step gradients once instead of adding
+    # one (B, L, D) tensor per step
+    steps = [None if t is None else t.unbind(1) for t in (x64, a64, b64, c64)]
     ys = []
     for t in range(L):
-        y_t, h = scan_step(h, x64[:, t], a64[:, t],
-                           None if b64 is None else b64[:, t],
-                           None if c64 is None else c64[:, t])
+        y_t, h = scan_step(h, *(None if s is None else s[t] for s in steps))
         ys.append(y_t)
     if L == 0:
         y = torch.zeros(Bsz, 0, D, dtype=_F64, device=x.device)
