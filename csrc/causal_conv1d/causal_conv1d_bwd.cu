@@ -151,8 +151,8 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 // from t0 to the tile's end + W-2 in groups of U steps, the next group loaded before the
 // current one is computed. xb/dzb hold x and dz for the W-1 steps before the group, then it.
 template <typename T, int W, bool kHasSeq>
-__global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) {
-  constexpr int E = kClBwdElems, U = kClUnroll;
+__global__ __launch_bounds__(kClBwdThreads, kClBwdBlocksPerSm) void bwd_cl_kernel(ConvParams p) {
+  constexpr int E = kClBwdElems, U = kClBwdUnroll;
   const int64_t c0 = (int64_t(blockIdx.x) * kClBwdThreads + threadIdx.x) * E;
   const int64_t t0 = int64_t(blockIdx.y) * kClBwdSteps, b = blockIdx.z, L = p.seqlen;
   if (c0 >= p.dim) return;
@@ -198,12 +198,14 @@ __global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) 
     float nx[U][E], ng[U][E];
     int ns[U];
     if (tb + U < t_stop) load_group(tb + U, nx, ng, ns);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
+    // Step tb + u. kChecked: the group may cross the tile's or the sequence's ends (first and
+    // last groups); the others skip every boundary test.
+    auto step = [&](int u, auto checked) {
+      constexpr bool kChecked = decltype(checked)::value;
       const int64_t t = tb + u;
-      if (t >= t_stop) break;
+      if (kChecked && t >= t_stop) return;
       const int st = sb[W - 1 + u];
-      const bool live = t < L && !(kHasSeq && st < 0);
+      const bool live = (!kChecked || t < L) && !(kHasSeq && st < 0);
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         float pre = bias[i];
@@ -212,7 +214,7 @@ __global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) 
         const float gi = live ? gb[u][i] : 0.f;
         const float dzi = p.silu ? gi * dsilu_f(pre) : gi;
         dzb[W - 1 + u][i] = dzi;
-        if (t < t_end) {
+        if (!kChecked || t < t_end) {
 #pragma unroll
           for (int k = 0; k < W; ++k) dw[k][i] += (!kHasSeq || sb[u + k] == st) ? dzi * xb[u + k][i] : 0.f;
           db[i] += dzi;
@@ -221,7 +223,7 @@ __global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) 
       // dx(s) for s = t-(W-1), or dinitial_states for s < 0 in the first tile
       const int64_t s = t - (W - 1);
       const int ss = sb[u];  // seq(s)
-      if (s >= t0 || (t0 == 0 && p.dinitial_states.ptr != nullptr)) {
+      if (!kChecked || s >= t0 || (t0 == 0 && p.dinitial_states.ptr != nullptr)) {
         float out[E];
         const int64_t j = s - L + W - 1;
 #pragma unroll
@@ -230,10 +232,10 @@ __global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) 
 #pragma unroll
           for (int k = 0; k < W; ++k)
             acc += (!kHasSeq || sb[W - 1 + u - k] == ss) ? w[k][i] * dzb[W - 1 + u - k][i] : 0.f;
-          if (j >= 0 && ss == s_last) acc += state_at<T, float>(p.dfinal_states, b, c0 + i, j);
+          if (kChecked && j >= 0 && ss == s_last) acc += state_at<T, float>(p.dfinal_states, b, c0 + i, j);
           out[i] = acc;
         }
-        if (s >= t0) {
+        if (!kChecked || s >= t0) {
           store_vec<T, E>(dx + s * p.dx.sl, out);
         } else {
           const View3& di = p.dinitial_states;
@@ -242,6 +244,13 @@ __global__ __launch_bounds__(kClBwdThreads, 6) void bwd_cl_kernel(ConvParams p) 
             static_cast<T*>(di.ptr)[b * di.sb + (c0 + i) * di.sd + (W - 1 + s) * di.sl] = T(out[i]);
         }
       }
+    };
+    if (tb >= t0 + W - 1 && tb + U <= t_end) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) step(u, std::false_type{});
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) step(u, std::true_type{});
     }
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {

@@ -108,6 +108,25 @@ struct Segment {
   float h_in;  // backward: the chunk state entering the segment
 };
 
+// The warp's row of a, x, b, c (b, c null when absent, or always when kPlain).
+template <typename T, bool kPlain>
+struct RowInputs {
+  const T *a, *x, *b, *c;
+  __device__ RowInputs(const ScanParams& p, const RowAt& at)
+      : a(at.in<const T>(p.a)),
+        x(at.in<const T>(p.x)),
+        b(!kPlain && p.b.ptr ? at.in<const T>(p.b) : nullptr),
+        c(!kPlain && p.c.ptr ? at.in<const T>(p.c) : nullptr) {}
+  // Steps t .. t + V - 1 into g (ok: they exist).
+  template <typename DY>
+  __device__ void load(Segment<T, DY>& g, int64_t t, bool ok) const {
+    g.a.load(a + t, ok, 1.f);
+    g.x.load(x + t, ok, 0.f);
+    if (b) g.b.load(b + t, ok, 0.f);
+    if (c) g.c.load(c + t, ok, 0.f);
+  }
+};
+
 // kPlain: b and c absent.
 template <typename T, typename Y, bool kPlain>
 __global__ __launch_bounds__(kRowWarps * 32, kPlain ? 4 : 3) void fwd_rows_kernel(ScanParams p) {
@@ -115,16 +134,12 @@ __global__ __launch_bounds__(kRowWarps * 32, kPlain ? 4 : 3) void fwd_rows_kerne
   const RowAt at(p);
   if (!at.exists) return;
   const int lane = threadIdx.x % 32;
-  const T *a = at.in<const T>(p.a), *x = at.in<const T>(p.x);
-  const T *b = !kPlain && p.b.ptr ? at.in<const T>(p.b) : nullptr, *c = !kPlain && p.c.ptr ? at.in<const T>(p.c) : nullptr;
+  const RowInputs<T, kPlain> in(p, at);
+  const T *b = in.b, *c = in.c;
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
   auto load = [&](int64_t s, Segment<T, T>& g) {
     const int64_t t = s * kSeg + lane * V;
-    const bool ok = t < p.seqlen;
-    g.a.load(a + t, ok, 1.f);
-    g.x.load(x + t, ok, 0.f);
-    if (b) g.b.load(b + t, ok, 0.f);
-    if (c) g.c.load(c + t, ok, 0.f);
+    in.load(g, t, t < p.seqlen);
   };
   float carry = p.initial_state.ptr ? load_as<float>(p.initial_state.ptr, p.initial_dtype, at.chunk(p.initial_state, 0)) : 0.f;
   pipelined<kDepth<kPlain>, Segment<T, T>>(n_seg, false, load, [&](int64_t s, const Segment<T, T>& cur) {
@@ -164,18 +179,15 @@ __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams 
   const RowAt at(p);
   if (!at.exists) return;
   const int lane = threadIdx.x % 32;
-  const T *a = at.in<const T>(p.a), *x = at.in<const T>(p.x);
-  const T *b = !kPlain && p.b.ptr ? at.in<const T>(p.b) : nullptr, *c = !kPlain && p.c.ptr ? at.in<const T>(p.c) : nullptr;
+  const RowInputs<T, kPlain> in(p, at);
+  const T *b = in.b, *c = in.c;
   const DY* dy = at.in<const DY>(p.dy);
   const float* chunk_states = static_cast<const float*>(p.chunk_states.ptr);
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
   auto load = [&](int64_t s, Segment<T, DY>& g) {
     const int64_t t = s * kSeg + lane * V;
     const bool ok = t < p.seqlen;
-    g.a.load(a + t, ok, 1.f);
-    g.x.load(x + t, ok, 0.f);
-    if (b) g.b.load(b + t, ok, 0.f);
-    if (c) g.c.load(c + t, ok, 0.f);
+    in.load(g, t, ok);
     g.dy.load(dy + t, ok, 0.f);
     g.h_in = chunk_states[at.chunk(p.chunk_states, s * (kSeg / kChunk))];
   };
