@@ -52,6 +52,12 @@ def _inputs(B, L, D, dtype, device, b_on=True, c_on=True, init_on=False, lo=0.5,
     return x, a, b, c, h0
 
 
+def _time_major(t):
+    """t's values in a (B, D, L)-contiguous buffer seen as (B, L, D) (time steps contiguous);
+    None and 2-D (B, D) states pass through."""
+    return t if t is None or t.dim() != 3 else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _run(x, a, b, c, h0=None, ret_final=True, **kw):
     res = scan(x, a, b, c, initial_state=h0, return_final_state=ret_final, **kw)
     if ret_final:
@@ -472,8 +478,7 @@ def test_time_contiguous_many_rows(device, dtype, out_dtype, opts):
     vs the reference, with and without b, c, initial state, in checkpoint and stored-states mode."""
     B, L, D = 2, 264, 1100
     on = opts != "plain"
-    x, a, b, c, h0 = (None if t is None else (t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 3 else t)
-                      for t in _inputs(B, L, D, dtype, device, on, on, on))
+    x, a, b, c, h0 = (_time_major(t) for t in _inputs(B, L, D, dtype, device, on, on, on))
     assert x.stride(1) == 1
     _check_fwd(x, a, b, c, h0, out_dtype=out_dtype, checkpoint=opts != "stored")
     _check_grads(x, a, b, c, h0, True, out_dtype=out_dtype, tol=1e-2 if dtype != F32 else 1e-5,
@@ -623,7 +628,7 @@ def test_opcheck_fwd(device, b_on, c_on, init_on, store, out_dtype, dtype):
 def test_opcheck_fwd_time_contiguous(device):
     """(B, D, L)-contiguous inputs: y and the chunk states keep x's layout (time steps contiguous),
     and the fake kernel says so too."""
-    x, a = (_leaf(t.transpose(1, 2).contiguous().transpose(1, 2)) for t in _inputs(2, 70, 6, F32, device, False)[:2])
+    x, a = (_leaf(_time_major(t)) for t in _inputs(2, 70, 6, F32, device, False)[:2])
     y, _, _, cs = torch.ops.ssm_ext.scan_fwd(x, a, None, None, None, False, None)
     assert y.stride(1) == 1 and cs.shape == (2, 3, 6) and cs.stride(1) == 1
     op = torch.ops.ssm_ext.scan_fwd.default
