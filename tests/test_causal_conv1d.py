@@ -328,6 +328,19 @@ def test_bwd_dtypes_widths(device, W, xdtype, wdtype, channel_last):
     _check_grads(device, 2, 21, 33, W, xdtype, wdtype, channel_last, True, "silu", True, True, True)
 
 
+@pytest.mark.parametrize("all_options", [False, True], ids=["plain", "seq-init-dfinal"])
+@pytest.mark.parametrize("xdtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("channel_last", [False, True], ids=["contig", "chlast"])
+def test_bwd_vectorised_paths(device, channel_last, W, xdtype, all_options):
+    """Sizes that take the 16-byte vector kernels (D and L multiples of 8) and cross their tile
+    edges: channel-last 256-channel tiles (the second one partial) and 32-step tiles within
+    256-step ranges (L = 300 ends inside the second); channel-first 1024-step chunks."""
+    D, L = (264, 300) if channel_last else (8, 1032)
+    _check_grads(device, 2, D, L, W, xdtype, xdtype, channel_last, True, "silu", all_options, all_options,
+                 all_options)
+
+
 @pytest.mark.parametrize("b,D,L,W", [(2, 8, 1, 4), (2, 5, 2, 4), (1, 37, 3, 5), (2, 16, 70, 3)])
 @pytest.mark.parametrize("channel_last", [False, True], ids=["contig", "chlast"])
 def test_bwd_sizes(device, b, D, L, W, channel_last):

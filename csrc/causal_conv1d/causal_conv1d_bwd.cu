@@ -147,136 +147,157 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
   write_block_partial<W, kCfThreads>(p, b, d, part);
 }
 
-// ---- channel-last: thread owns E channels and steps [t0, t0+kClBwdSteps); it streams t
-// from t0 to the tile's end + W-2 in groups of U steps, the next group loaded before the
-// current one is computed. xb/dzb hold x and dz for the W-1 steps before the group, then it.
+// ---- channel-last: a block owns kClBwdTileC channels (2 per thread) and kClBwdSteps steps,
+// walked in tiles of kClBwdTileL steps. A tile's x (with W-1 steps of halo on each side) and
+// dout (W-1 steps past the tile) arrive in shared memory by 16-byte cp.async, so a whole
+// tile's loads are in flight at once; then each thread walks the tile's steps for its two
+// channels, recomputing dz for the W-1 steps past the tile that its last dx values need.
+// Shared memory per tile: x rows [t0-(W-1), t0+TL+W-1), dout rows [t0, t0+TL+W-1), seq rows like x.
+template <typename T, int W>
+struct ClBwdTile {
+  static constexpr int kRowsX = kClBwdTileL + 2 * (W - 1), kRowsG = kClBwdTileL + W - 1;
+  static constexpr int kVecsPerRow = kClBwdTileC / kVecElems<T>;
+  static constexpr size_t kBytes = size_t(kRowsX + kRowsG) * kClBwdTileC * sizeof(T) + kRowsX * sizeof(int);
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Fills the tile starting at step t0 for channels [cb, cb + kClBwdTileC) of batch row b.
 template <typename T, int W, bool kHasSeq>
-__global__ __launch_bounds__(kClBwdThreads, kClBwdBlocksPerSm) void bwd_cl_kernel(ConvParams p) {
-  constexpr int E = kClBwdElems, U = kClBwdUnroll;
-  const int64_t c0 = (int64_t(blockIdx.x) * kClBwdThreads + threadIdx.x) * E;
-  const int64_t t0 = int64_t(blockIdx.y) * kClBwdSteps, b = blockIdx.z, L = p.seqlen;
-  if (c0 >= p.dim) return;
-  const int64_t t_end = min(t0 + kClBwdSteps, L);
-  const int64_t t_stop = t_end + W - 1;  // dz is needed up to t_end - 1 + W - 1
-  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + c0;
-  const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + c0;
-  const int* seq = p.seq_idx + b * L;
-  T* dx = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + c0;
-
-  float xb[W - 1 + U][E], gb[U][E], dzb[W - 1 + U][E];
-  int sb[W - 1 + U];
-  auto load_group = [&](int64_t tg, float (*xg)[E], float (*gg)[E], int* sg) {
+__device__ __forceinline__ void load_cl_bwd_tile(const ConvParams& p, int64_t b, int64_t cb, int64_t t0, T* xs,
+                                                 T* gs, int* ss) {
+  using Tile = ClBwdTile<T, W>;
+  constexpr int E = kVecElems<T>, VR = Tile::kVecsPerRow;
+  const int64_t L = p.seqlen;
+  const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb;
+  const T* g = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb;
+  for (int v = threadIdx.x; v < (Tile::kRowsX + Tile::kRowsG) * VR; v += kClBwdThreads) {
+    const bool is_x = v < Tile::kRowsX * VR;
+    const int r = (is_x ? v : v - Tile::kRowsX * VR) / VR, cv = v % VR;
+    const int64_t t = t0 + r - (is_x ? W - 1 : 0), c = cb + int64_t(cv) * E;
+    T* dst = (is_x ? xs : gs) + r * kClBwdTileC + cv * E;
+    if (c < p.dim && t >= 0 && t < L) {
+      cp_async16(dst, is_x ? x + t * p.x.sl + c : g + t * p.dout.sl + c);
+    } else if (c < p.dim && t < 0) {  // only x rows reach t < 0: the initial states
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = tg + u;
-      if (t < L) {
-        load_vec<T, E>(x + t * p.x.sl, xg[u]);
-        load_vec<T, E>(dout + t * p.dout.sl, gg[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i) xg[u][i] = gg[u][i] = 0.f;
-      }
-      sg[u] = (kHasSeq && t < L) ? seq[t] : 0;
+      for (int i = 0; i < E; ++i) dst[i] = T(state_at<T, float>(p.initial_states, b, c + i, W - 1 + t));
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
-  };
-  load_group(t0, xb + W - 1, gb, sb + W - 1);
-  load_cl_halo<T, W, kHasSeq, E>(p, b, c0, t0, xb, sb);
-  float w[W][E], bias[E];
-  load_weights_block<W, E>(p, c0, w, bias);
-  const int s_last = kHasSeq ? seq[L - 1] : 0;
-  float dw[W][E], db[E];
-#pragma unroll
-  for (int i = 0; i < E; ++i) {
-    db[i] = 0.f;
-#pragma unroll
-    for (int k = 0; k < W; ++k) dw[k][i] = 0.f;
-#pragma unroll
-    for (int j = 0; j < W - 1; ++j) dzb[j][i] = 0.f;
   }
+  if (kHasSeq)
+    for (int r = threadIdx.x; r < Tile::kRowsX; r += kClBwdThreads) {
+      const int64_t t = t0 + r - (W - 1);
+      ss[r] = t < L ? seq_at(p, b, t) : -1;
+    }
+  cp_async_wait_all();
+}
 
-  for (int64_t tb = t0; tb < t_stop; tb += U) {
-    float nx[U][E], ng[U][E];
-    int ns[U];
-    if (tb + U < t_stop) load_group(tb + U, nx, ng, ns);
-    // Step tb + u. kChecked: the group may cross the tile's or the sequence's ends (first and
-    // last groups); the others skip every boundary test.
-    auto step = [&](int u, auto checked) {
+template <typename T, int W, bool kHasSeq>
+__global__ __launch_bounds__(kClBwdThreads) void bwd_cl_kernel(ConvParams p) {
+  using Tile = ClBwdTile<T, W>;
+  constexpr int TL = kClBwdTileL;
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  T* xs = reinterpret_cast<T*>(tile_smem);
+  T* gs = xs + Tile::kRowsX * kClBwdTileC;
+  int* ss = reinterpret_cast<int*>(gs + Tile::kRowsG * kClBwdTileC);
+
+  const int64_t cb = int64_t(blockIdx.x) * kClBwdTileC, c = cb + 2 * threadIdx.x;
+  const int64_t b = blockIdx.z, L = p.seqlen;
+  const int64_t t_begin = int64_t(blockIdx.y) * kClBwdSteps, t_end = min(t_begin + kClBwdSteps, L);
+  const bool active = c < p.dim;  // every thread loads and syncs; only these compute
+  const int s_last = kHasSeq ? seq_at(p, b, L - 1) : 0;
+  T* dx = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + c;
+
+  float w[W][2], bias[2], dw[W][2] = {}, db[2] = {};
+  if (active) load_weights_block<W, 2>(p, c, w, bias);
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += TL) {
+    __syncthreads();  // the previous tile is no longer read
+    load_cl_bwd_tile<T, W, kHasSeq>(p, b, cb, t0, xs, gs, ss);
+    __syncthreads();
+    if (!active) continue;
+    // Step i of the tile is t = t0 + i: dz(t) from x rows i..i+W-1 (row r is step t0-(W-1)+r),
+    // dw/db for t < the tile's end, and dx(t-(W-1)) once dz up to t is known.
+    auto walk = [&](auto checked) {
       constexpr bool kChecked = decltype(checked)::value;
-      const int64_t t = tb + u;
-      if (kChecked && t >= t_stop) return;
-      const int st = sb[W - 1 + u];
-      const bool live = (!kChecked || t < L) && !(kHasSeq && st < 0);
+      float xw[W][2], dzw[W][2] = {};
 #pragma unroll
-      for (int i = 0; i < E; ++i) {
-        float pre = bias[i];
+      for (int k = 0; k < W - 1; ++k) load_vec<T, 2>(xs + k * kClBwdTileC + 2 * threadIdx.x, xw[k + 1]);
 #pragma unroll
-        for (int k = 0; k < W; ++k) pre += (!kHasSeq || sb[u + k] == st) ? w[k][i] * xb[u + k][i] : 0.f;
-        const float gi = live ? gb[u][i] : 0.f;
-        const float dzi = p.silu ? gi * dsilu_f(pre) : gi;
-        dzb[W - 1 + u][i] = dzi;
-        if (!kChecked || t < t_end) {
+      for (int i = 0; i < TL + W - 1; ++i) {
+        const int64_t t = t0 + i, s = t - (W - 1);
 #pragma unroll
-          for (int k = 0; k < W; ++k) dw[k][i] += (!kHasSeq || sb[u + k] == st) ? dzi * xb[u + k][i] : 0.f;
-          db[i] += dzi;
+        for (int k = 0; k < W - 1; ++k)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            xw[k][e] = xw[k + 1][e];
+            dzw[k][e] = dzw[k + 1][e];
+          }
+        load_vec<T, 2>(xs + (i + W - 1) * kClBwdTileC + 2 * threadIdx.x, xw[W - 1]);
+        float gv[2];
+        load_vec<T, 2>(gs + i * kClBwdTileC + 2 * threadIdx.x, gv);
+        const int st = kHasSeq ? ss[i + W - 1] : 0;
+        bool same[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) same[k] = !kHasSeq || ss[i + k] == st;
+        const bool live = !(kHasSeq && st < 0);  // rows past L hold dout = 0, so dz = 0 there
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float pre = bias[e];
+#pragma unroll
+          for (int k = 0; k < W; ++k) pre += same[k] ? w[k][e] * xw[k][e] : 0.f;
+          const float gi = live ? gv[e] : 0.f;
+          const float dz = p.silu ? gi * dsilu_f(pre) : gi;
+          dzw[W - 1][e] = dz;
+          if (i < TL) {
+#pragma unroll
+            for (int k = 0; k < W; ++k) dw[k][e] += same[k] ? dz * xw[k][e] : 0.f;
+            db[e] += dz;
+          }
         }
-      }
-      // dx(s) for s = t-(W-1), or dinitial_states for s < 0 in the first tile
-      const int64_t s = t - (W - 1);
-      const int ss = sb[u];  // seq(s)
-      if (!kChecked || s >= t0 || (t0 == 0 && p.dinitial_states.ptr != nullptr)) {
-        float out[E];
-        const int64_t j = s - L + W - 1;
+        // dx(s): s in this tile, or s < 0 in the first tile when dinitial_states is wanted
+        const bool to_dinit = kChecked && s < 0 && p.dinitial_states.ptr != nullptr;
+        if (i >= W - 1 || to_dinit) {
+          if (kChecked && s >= L) continue;
+          const int ss_s = kHasSeq ? ss[i] : 0;
+          float out[2];
 #pragma unroll
-        for (int i = 0; i < E; ++i) {
-          float acc = 0.f;
+          for (int e = 0; e < 2; ++e) {
+            float acc = 0.f;
 #pragma unroll
-          for (int k = 0; k < W; ++k)
-            acc += (!kHasSeq || sb[W - 1 + u - k] == ss) ? w[k][i] * dzb[W - 1 + u - k][i] : 0.f;
-          if (kChecked && j >= 0 && ss == s_last) acc += state_at<T, float>(p.dfinal_states, b, c0 + i, j);
-          out[i] = acc;
-        }
-        if (!kChecked || s >= t0) {
-          store_vec<T, E>(dx + s * p.dx.sl, out);
-        } else {
-          const View3& di = p.dinitial_states;
+            for (int k = 0; k < W; ++k)
+              acc += (!kHasSeq || ss[i + W - 1 - k] == ss_s) ? w[k][e] * dzw[W - 1 - k][e] : 0.f;
+            const int64_t j = s - L + W - 1;
+            if (kChecked && j >= 0 && ss_s == s_last) acc += state_at<T, float>(p.dfinal_states, b, c + e, j);
+            out[e] = acc;
+          }
+          if (!to_dinit) {
+            store_vec<T, 2>(dx + s * p.dx.sl, out);
+          } else {
+            const View3& di = p.dinitial_states;
 #pragma unroll
-          for (int i = 0; i < E; ++i)
-            static_cast<T*>(di.ptr)[b * di.sb + (c0 + i) * di.sd + (W - 1 + s) * di.sl] = T(out[i]);
+            for (int e = 0; e < 2; ++e)
+              static_cast<T*>(di.ptr)[b * di.sb + (c + e) * di.sd + (W - 1 + s) * di.sl] = T(out[e]);
+          }
         }
       }
     };
-    if (tb >= t0 + W - 1 && tb + U <= t_end) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) step(u, std::false_type{});
-    } else {
-#pragma unroll
-      for (int u = 0; u < U; ++u) step(u, std::true_type{});
-    }
-#pragma unroll
-    for (int j = 0; j < W - 1; ++j) {
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        xb[j][i] = xb[U + j][i];
-        dzb[j][i] = dzb[U + j][i];
-      }
-      sb[j] = sb[U + j];
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        xb[W - 1 + u][i] = nx[u][i];
-        gb[u][i] = ng[u][i];
-      }
-      sb[W - 1 + u] = ns[u];
-    }
+    // Boundary tests only where dx reaches dinitial_states (first tile) or final states and L.
+    if ((t0 == 0 && p.dinitial_states.ptr != nullptr) || t0 + TL + W - 1 > L) walk(std::true_type{});
+    else walk(std::false_type{});
   }
+  if (!active) return;
   const int64_t part = b * gridDim.y + blockIdx.y;
 #pragma unroll
-  for (int i = 0; i < E; ++i) {
+  for (int e = 0; e < 2; ++e) {
 #pragma unroll
-    for (int k = 0; k < W; ++k) p.dweight_part[(part * p.dim + c0 + i) * W + k] = dw[k][i];
-    p.dbias_part[part * p.dim + c0 + i] = db[i];
+    for (int k = 0; k < W; ++k) p.dweight_part[(part * p.dim + c + e) * W + k] = dw[k][e];
+    p.dbias_part[part * p.dim + c + e] = db[e];
   }
 }
 
@@ -378,12 +399,16 @@ void launch_bwd(ConvParams& p, BwdArgs& a, at::Tensor& dweight_part, at::Tensor&
         bwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<rows, kCfThreads, 0, stream>>>(a.p);
       });
     });
-  } else if (use_cl_fast_path<T, kClBwdElems>(p, {p.x, p.dout, p.dx})) {
-    dim3 grid(ceil_div(p.dim, int64_t(kClBwdThreads) * kClBwdElems), ceil_div(p.seqlen, kClBwdSteps), p.batch);
+  } else if (use_cl_fast_path<T>(p, {p.x, p.dout, p.dx})) {
+    dim3 grid(ceil_div(p.dim, kClBwdTileC), ceil_div(p.seqlen, kClBwdSteps), p.batch);
     alloc_param_partials(a, p.batch * grid.y, dweight_part, dbias_part);
     width_switch(W, [&](auto kW) {
+      constexpr int kWidth = decltype(kW)::value;
+      constexpr size_t kSmem = ClBwdTile<T, kWidth>::kBytes;
       bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
-        bwd_cl_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<grid, kClBwdThreads, 0, stream>>>(a.p);
+        auto kernel = bwd_cl_kernel<T, kWidth, decltype(kSeq)::value>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+        kernel<<<grid, kClBwdThreads, kSmem, stream>>>(a.p);
       });
     });
   } else {

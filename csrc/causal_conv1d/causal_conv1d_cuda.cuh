@@ -20,13 +20,12 @@ constexpr int kCfVecs = 1;
 constexpr int kClThreads = 128;      // channel-last forward: threads per block along D
 constexpr int kClSteps = 64;         // channel-last forward: time steps per thread
 constexpr int kClUnroll = 4;         // channel-last forward: steps loaded per group (one group prefetched)
-constexpr int kClBwdThreads = 256;   // channel-last backward
-constexpr int kClBwdBlocksPerSm = 3;  // 80 registers
-constexpr int kClBwdSteps = 256;     // fewer, longer tiles: fewer dweight partials to sum
-// Channels per thread and steps per loaded group. bf16 8x4096x4096 backward kernel on the H100:
-// (E, U) = (2, 4) 643 us; (4, 4) 655; (2, 8) 725; (1, 8) ~800 (per-step work once per element).
-constexpr int kClBwdElems = 2;
-constexpr int kClBwdUnroll = 4;
+// channel-last backward: a block owns kClBwdTileC channels (2 per thread) and kClBwdSteps
+// steps, loaded into shared memory kClBwdTileL steps at a time (see bwd_cl_kernel).
+constexpr int kClBwdThreads = 128;
+constexpr int kClBwdTileC = 2 * kClBwdThreads;
+constexpr int kClBwdTileL = 32;
+constexpr int kClBwdSteps = 256;     // fewer, longer ranges: fewer dweight partials to sum
 
 template <typename F>
 void width_switch(int64_t w, F&& f) {

@@ -1,7 +1,7 @@
 // Row mode of the CUDA scan, for layouts with L contiguous (accelerated-scan's (B, C, T)) and
 // rows (b, d) enough to fill the GPU: a warp owns one row and walks it in segments of
-// 32 * kVec steps, lane l holding steps seg0 + l*kVec .. seg0 + l*kVec + kVec-1 (one 16-byte
-// vector of each input). Within a segment the lanes compose their (P, U) pairs by shuffles;
+// 32 * V steps, lane l holding steps seg0 + l*V .. seg0 + l*V + V-1 (32 bytes of each input
+// when only a and x are read, else 16). Within a segment the lanes compose their (P, U) pairs by shuffles;
 // between segments the warp carries h itself. No look-back, no scratch, no block barrier, and
 // the next segment's loads are in flight while the current one is computed.
 #include <c10/cuda/CUDAStream.h>
@@ -15,14 +15,18 @@ namespace scan {
 namespace {
 
 constexpr int kRowWarps = 8;
-// Segments loaded ahead per warp, one of them being processed: 3 when only a and x (and dy)
-// are read, 2 when b or c are too (registers).
-template <bool kPlain>
-constexpr int kDepth = kPlain ? 3 : 2;
+// Segments in flight per warp, one of them being processed: 3 of 16 bytes per input per lane
+// when only a and x (and dy) are read, else 2 (registers).
+template <typename T, bool kPlain>
+constexpr int kDepth = kPlain && sizeof(T) < 4 ? 3 : 2;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
+// Steps per lane in a segment: 8 when b and c are absent (kPlain; fp32 then reads 32 bytes per
+// input, half the shuffle scans per step of 4 steps), else one 16-byte vector (registers).
+template <typename T, bool kPlain>
+constexpr int kLaneSteps = kPlain ? 8 : kVec<T>;
 
 // N consecutive elements of T, as whole 16-byte pieces.
 template <typename T, int N>
@@ -99,10 +103,9 @@ struct RowAt {
   __device__ int64_t chunk(const View3& v, int64_t c) const { return rb * v.sb + c * v.sl + rd * v.sd; }
 };
 
-// One segment's inputs of a lane.
-template <typename T, typename DY>
+// One segment's inputs of a lane: V steps.
+template <typename T, typename DY, int V>
 struct Segment {
-  static constexpr int V = kVec<T>;
   Vec<T, V> a, x, b, c;
   Vec<DY, V> dy;
   float h_in;  // backward: the chunk state entering the segment
@@ -118,8 +121,8 @@ struct RowInputs {
         b(!kPlain && p.b.ptr ? at.in<const T>(p.b) : nullptr),
         c(!kPlain && p.c.ptr ? at.in<const T>(p.c) : nullptr) {}
   // Steps t .. t + V - 1 into g (ok: they exist).
-  template <typename DY>
-  __device__ void load(Segment<T, DY>& g, int64_t t, bool ok) const {
+  template <typename DY, int V>
+  __device__ void load(Segment<T, DY, V>& g, int64_t t, bool ok) const {
     g.a.load(a + t, ok, 1.f);
     g.x.load(x + t, ok, 0.f);
     if (b) g.b.load(b + t, ok, 0.f);
@@ -129,20 +132,21 @@ struct RowInputs {
 
 // kPlain: b and c absent.
 template <typename T, typename Y, bool kPlain>
-__global__ __launch_bounds__(kRowWarps * 32, kPlain ? 4 : 3) void fwd_rows_kernel(ScanParams p) {
-  constexpr int V = kVec<T>, kSeg = 32 * V;
+__global__ __launch_bounds__(kRowWarps * 32, kDepth<T, kPlain> == 3 ? 4 : 3) void fwd_rows_kernel(ScanParams p) {
+  constexpr int V = kLaneSteps<T, kPlain>, kSeg = 32 * V;
+  using Seg = Segment<T, T, V>;
   const RowAt at(p);
   if (!at.exists) return;
   const int lane = threadIdx.x % 32;
   const RowInputs<T, kPlain> in(p, at);
   const T *b = in.b, *c = in.c;
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
-  auto load = [&](int64_t s, Segment<T, T>& g) {
+  auto load = [&](int64_t s, Seg& g) {
     const int64_t t = s * kSeg + lane * V;
     in.load(g, t, t < p.seqlen);
   };
   float carry = p.initial_state.ptr ? load_as<float>(p.initial_state.ptr, p.initial_dtype, at.chunk(p.initial_state, 0)) : 0.f;
-  pipelined<kDepth<kPlain>, Segment<T, T>>(n_seg, false, load, [&](int64_t s, const Segment<T, T>& cur) {
+  pipelined<kDepth<T, kPlain>, Seg>(n_seg, false, load, [&](int64_t s, const Seg& cur) {
     const int64_t t = s * kSeg + lane * V;
     float u[V];
     float2 pu = make_float2(1.f, 0.f);
@@ -175,7 +179,8 @@ __global__ __launch_bounds__(kRowWarps * 32, kPlain ? 4 : 3) void fwd_rows_kerne
 // (as the forward computed it), then the carry recurrence carry_t = a_t*(c_t*dy_t + carry_{t+1}).
 template <typename T, typename DY, bool kPlain>
 __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams p) {
-  constexpr int V = kVec<T>, kSeg = 32 * V;
+  constexpr int V = kLaneSteps<T, kPlain>, kSeg = 32 * V;
+  using Seg = Segment<T, DY, V>;
   const RowAt at(p);
   if (!at.exists) return;
   const int lane = threadIdx.x % 32;
@@ -184,7 +189,7 @@ __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams 
   const DY* dy = at.in<const DY>(p.dy);
   const float* chunk_states = static_cast<const float*>(p.chunk_states.ptr);
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
-  auto load = [&](int64_t s, Segment<T, DY>& g) {
+  auto load = [&](int64_t s, Seg& g) {
     const int64_t t = s * kSeg + lane * V;
     const bool ok = t < p.seqlen;
     in.load(g, t, ok);
@@ -192,7 +197,7 @@ __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams 
     g.h_in = chunk_states[at.chunk(p.chunk_states, s * (kSeg / kChunk))];
   };
   float carry = p.dfinal_state.ptr ? static_cast<const float*>(p.dfinal_state.ptr)[at.chunk(p.dfinal_state, 0)] : 0.f;
-  pipelined<kDepth<kPlain>, Segment<T, DY>>(n_seg, true, load, [&](int64_t s, const Segment<T, DY>& cur) {
+  pipelined<kDepth<T, kPlain>, Seg>(n_seg, true, load, [&](int64_t s, const Seg& cur) {
     const int64_t t = s * kSeg + lane * V;
     float u[V], g[V];
     float2 pu = make_float2(1.f, 0.f);
@@ -243,13 +248,14 @@ __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams 
   if (lane == 0 && p.dinitial_state.ptr) store_as(p.dinitial_state.ptr, p.initial_dtype, at.chunk(p.dinitial_state, 0), carry);
 }
 
-// Row mode needs L contiguous and whole 16-byte vectors of kVec<T> steps in every view, and
-// enough rows: below 16 warps per SM the tiles with look-back keep more loads in flight.
-bool rows_ok(const ScanParams& p, int vec, std::initializer_list<View3> views) {
+// Row mode needs L contiguous, 16-byte aligned rows (vec = kVec<T> steps) in every view, L a
+// multiple of the lane's steps, and enough rows: below 16 warps per SM the tiles with
+// look-back keep more loads in flight.
+bool rows_ok(const ScanParams& p, int vec, int lane_steps, std::initializer_list<View3> views) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (p.seqlen % vec != 0 || p.batch * p.dim < 16 * int64_t(sms)) return false;
+  if (p.seqlen % lane_steps != 0 || p.batch * p.dim < 16 * int64_t(sms)) return false;
   for (const View3& v : views)
     if (v.ptr && !vec_ok(v, 16 / vec, vec, v.sl, p.batch == 1 ? 0 : v.sb, p.dim == 1 ? 0 : v.sd)) return false;
   return true;
@@ -266,12 +272,12 @@ bool launch_rows_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out)
     dispatch_out_dtype<T>(out, [&](auto tout) {
       using Y = decltype(tout);
       // every view is checked at the input's vector length; wider outputs take 2 stores
-      if (!rows_ok(p, kVec<T>, {p.x, p.a, p.b, p.c, p.y, p.states})) return;
       bool_switch(!p.b.ptr && !p.c.ptr, [&](auto plain) {
+        if (!rows_ok(p, kVec<T>, kLaneSteps<T, plain>, {p.x, p.a, p.b, p.c, p.y, p.states})) return;
         fwd_rows_kernel<T, Y, plain><<<row_blocks(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        done = true;
       });
-      done = true;
     });
   });
   return done;
@@ -284,12 +290,12 @@ bool launch_rows_bwd(const ScanParams& p, at::ScalarType in, at::ScalarType dy) 
     using T = decltype(tin);
     dispatch_out_dtype<T>(dy, [&](auto tdy) {
       using DY = decltype(tdy);
-      if (!rows_ok(p, kVec<T>, {p.x, p.a, p.b, p.c, p.dy, p.dx, p.da, p.db, p.dc})) return;
       bool_switch(!p.b.ptr && !p.c.ptr, [&](auto plain) {
+        if (!rows_ok(p, kVec<T>, kLaneSteps<T, plain>, {p.x, p.a, p.b, p.c, p.dy, p.dx, p.da, p.db, p.dc})) return;
         bwd_rows_kernel<T, DY, plain><<<row_blocks(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        done = true;
       });
-      done = true;
     });
   });
   return done;
