@@ -1,7 +1,7 @@
 """Tests of the gated RMSNorm (SPEC.md section 3; mamba_ssm layernorm_gated semantics).
 
 Ground truth is ssm_ext.reference.norm (float64). Every test runs on the CPU and, when a GPU is
-present and the kernel registered, on CUDA.
+present, on CUDA (csrc/norm/norm_cuda.cu).
 
     norm_before_gate: out = rmsnorm(x) * silu(z);  else out = rmsnorm(x * silu(z))
 """
@@ -17,15 +17,6 @@ from ssm_ext.norm import RMSNormGated, rmsnorm_fn
 from ssm_ext.reference import norm as ref
 
 from helpers import assert_rel, schema_args, tol_for
-
-
-@pytest.fixture(autouse=True)
-def _cuda_kernel_required(request):
-    """The norm's CUDA kernel is not written yet (issue 4): the CUDA cases skip, saying so,
-    until one is registered, and then run."""
-    if ("device" in request.fixturenames and request.getfixturevalue("device") == "cuda"
-            and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::rmsnorm_gated_fwd", "CUDA")):
-        pytest.skip("ssm_ext::rmsnorm_gated_fwd has no CUDA kernel yet")
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
