@@ -33,6 +33,15 @@ mv "$repo/.peers/fla/fla/__init__.tmp" "$repo/.peers/fla/fla/__init__.py"
 # DEST3D: the issm_triton package (imported as issm_triton.issm_combined; needs einops).
 extract OpenSpaceAI+DEST3D DEST3D issm_triton
 
+# einops (pure Python) is imported by DEST3D's issm_combined and fla's ops/attn: the GPU machine has
+# no network, so its wheel is unpacked beside both peers when pip can fetch it here.
+if python3 -m pip download -q einops --no-deps -d "$repo/.peers/.wheels" 2>/dev/null; then
+  for d in fla DEST3D; do python3 -m zipfile -e "$repo"/.peers/.wheels/einops-*.whl "$repo/.peers/$d"; done
+  echo "einops $(ls "$repo"/.peers/.wheels) -> .peers/{fla,DEST3D}"
+else
+  echo "einops not fetched: the DEST3D column needs einops installed on the GPU machine"
+fi
+
 # .peers/ must stay out of git: the checkout's .gitignore has it; also the common exclude file
 # (a worktree's .git is a file, so ask git where the common directory is).
 exclude="$(git -C "$repo" rev-parse --git-common-dir)/info/exclude"
