@@ -25,10 +25,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
                           dt_softplus, dt_limit_lo, dt_limit_hi, return_final_states);
   const c10::cuda::CUDAGuard guard(x.device());
   const IssmParams& p = r.p;
+  TORCH_CHECK(p.dstate > 0, msg("dstate (B.size(3)) must be > 0 on CUDA, got ", p.dstate));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    if (p.headdim == 0 || p.dstate == 0 || p.nheads == 0) return;
+    if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
     const Tiling tl = make_tiling(p, 0, 8);
     const auto f32 = x.options().dtype(at::kFloat);
     at::Tensor states = at::empty({std::max<int64_t>(tl.nrows * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)}, f32);
