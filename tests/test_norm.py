@@ -84,6 +84,14 @@ def test_shapes(device, shape):
     _check(_make(shape, F32, device, bias=True), 1e-5, None, False, grads=shape[-1] > 1)
 
 
+@pytest.mark.parametrize("group_size", [None, 64, 512, 3], ids=["gs_all", "gs64", "gs512", "gs3"])
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm_gate", "gate_norm"])
+def test_wide_rows(device, norm_before_gate, group_size):
+    """Rows wider than a CTA (1536 channels), groups wider than a warp and more groups than warps,
+    and enough rows for many dweight/dbias partial blocks."""
+    _check(_make((300, 1536), F32, device, bias=True), 1e-6, group_size, norm_before_gate)
+
+
 def test_empty_rows(device):
     inp = _make((0, 16), F32, device)
     x = inp["x"].requires_grad_()
