@@ -7,8 +7,10 @@
 // group's mean(g*w*yhat) to a scratch tensor; phase 2 (thread per channel, rows in order) writes
 // dx, dz and sums dweight/dbias over the block's rows into per-CTA partials; a second kernel
 // adds the partials over the blocks in order. No atomics: the results are bitwise reproducible.
-// Loads are scalar: consecutive threads read consecutive channels, which coalesces when the
-// channel stride is 1 (the common case) and stays correct for any strides.
+// The output pass (forward) and the per-channel pass (backward) move 16 bytes per thread and
+// access when the channel stride is 1 and rows and pointers are 16-byte aligned with dim a
+// multiple of the vector width; otherwise scalar loads, consecutive threads on consecutive
+// channels (correct for any strides). The per-group reductions are scalar and warp-strided.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -53,7 +55,20 @@ __device__ __forceinline__ Chan<T> load_chan(const RmsNormParams& p, int64_t r, 
   return v;
 }
 
+// The output of channel c given its loaded inputs.
 template <typename T>
+__device__ __forceinline__ float fwd_out(const RmsNormParams& p, int64_t c, float x, float z, float rstd) {
+  const float sz = p.z ? z * sigmoid_f(z) : 1.f;
+  const float u = (p.z && !p.norm_before_gate) ? x * sz : x;
+  float o = u * rstd * load_as<float>(p.weight, p.w_dtype, c * p.w_s);
+  if (p.bias) o += load_as<float>(p.bias, p.b_dtype, c * p.b_s);
+  if (p.z && p.norm_before_gate) o *= sz;
+  return o;
+}
+
+// kVec: x (and z) have channel stride 1, rows and pointers 16-byte aligned, dim a multiple of
+// the vector width: the output pass moves 16 bytes per thread and access.
+template <typename T, bool kVec>
 __global__ __launch_bounds__(kThreads) void fwd_kernel(RmsNormParams p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* rstd_out = static_cast<float*>(p.rstd);
@@ -69,15 +84,34 @@ __global__ __launch_bounds__(kThreads) void fwd_kernel(RmsNormParams p) {
     }
     __syncthreads();  // rstd (global) visible to the block
     T* out = static_cast<T*>(p.out) + r * p.dim;
-    for (int64_t c = threadIdx.x; c < p.dim; c += kThreads) {
-      const Chan<T> v = load_chan<T>(p, r, c);
-      const float rstd = rstd_out[r * p.ngroups + c / p.group_size];
-      float o = v.u * rstd * load_as<float>(p.weight, p.w_dtype, c * p.w_s);
-      if (p.bias) o += load_as<float>(p.bias, p.b_dtype, c * p.b_s);
-      if (p.z && p.norm_before_gate) o *= v.sz;
-      out[c] = T(o);
+    if constexpr (kVec) {
+      constexpr int V = kVecElems<T>;
+      for (int64_t c0 = int64_t(threadIdx.x) * V; c0 < p.dim; c0 += int64_t(kThreads) * V) {
+        float xv[V], zv[V], o[V];
+        load_vec<T, V>(static_cast<const T*>(p.x) + r * p.x_rs + c0, xv);
+        if (p.z) load_vec<T, V>(static_cast<const T*>(p.z) + r * p.z_rs + c0, zv);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          o[j] = fwd_out<T>(p, c0 + j, xv[j], p.z ? zv[j] : 0.f, rstd_out[r * p.ngroups + (c0 + j) / p.group_size]);
+        store_vec<T, V>(out + c0, o);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < p.dim; c += kThreads) {
+        const float x = float(static_cast<const T*>(p.x)[r * p.x_rs + c * p.x_cs]);
+        const float z = p.z ? float(static_cast<const T*>(p.z)[r * p.z_rs + c * p.z_cs]) : 0.f;
+        out[c] = T(fwd_out<T>(p, c, x, z, rstd_out[r * p.ngroups + c / p.group_size]));
+      }
     }
   }
+}
+
+template <typename T>
+bool vec_ok(const RmsNormParams& p, bool bwd) {
+  constexpr int V = kVecElems<T>;
+  bool ok = p.x_cs == 1 && p.dim % V == 0 && p.x_rs % V == 0 && aligned16(p.x) && aligned16(p.out ? p.out : p.dx);
+  if (p.z) ok = ok && p.z_cs == 1 && p.z_rs % V == 0 && aligned16(p.z) && (!bwd || aligned16(p.dz));
+  if (bwd) ok = ok && p.dout_cs == 1 && p.dout_rs % V == 0 && aligned16(p.dout) && aligned16(p.dx);
+  return ok;
 }
 
 // gc = dout (times silu(z) when the gate follows the norm); gw = gc * w; yhat = u * rstd.
@@ -87,7 +121,7 @@ __device__ __forceinline__ float grad_in(const RmsNormParams& p, int64_t r, int6
   return (p.z && p.norm_before_gate) ? go * v.sz : go;
 }
 
-template <typename T>
+template <typename T, bool kVec>
 __global__ __launch_bounds__(kThreads) void bwd_kernel(RmsNormParams p, int64_t rows_per_block, float* mean,
                                                        float* dw_part, float* db_part) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -108,38 +142,69 @@ __global__ __launch_bounds__(kThreads) void bwd_kernel(RmsNormParams p, int64_t 
     if (lane == 0) mean[r * p.ngroups + g] = dot / float(p.group_size);
   }
   __syncthreads();
-  // Phase 2: per channel, rows in order.
-  for (int64_t c = threadIdx.x; c < p.dim; c += kThreads) {
-    const float w = load_as<float>(p.weight, p.w_dtype, c * p.w_s);
-    const float b = p.bias ? load_as<float>(p.bias, p.b_dtype, c * p.b_s) : 0.f;
-    const int64_t g = c / p.group_size;
-    float dw = 0.f, db = 0.f;
+  // Phase 2: per channel (kVec: per 16-byte group of channels), rows in order.
+  constexpr int V = kVec ? kVecElems<T> : 1;
+  for (int64_t c0 = int64_t(threadIdx.x) * V; c0 < p.dim; c0 += int64_t(kThreads) * V) {
+    float w[V], b[V], dw[V], db[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      w[j] = load_as<float>(p.weight, p.w_dtype, (c0 + j) * p.w_s);
+      b[j] = p.bias ? load_as<float>(p.bias, p.b_dtype, (c0 + j) * p.b_s) : 0.f;
+      dw[j] = db[j] = 0.f;
+    }
     for (int64_t r = r0; r < r1; ++r) {
-      const Chan<T> v = load_chan<T>(p, r, c);
-      const float rstd = rstd_in[r * p.ngroups + g];
-      const float gc = grad_in<T>(p, r, c, v);
-      const float yhat = v.u * rstd;
-      dw += gc * yhat;
-      db += gc;
-      const float du = rstd * (gc * w - yhat * mean[r * p.ngroups + g]);
-      T* dx = static_cast<T*>(p.dx) + r * p.dim;
-      if (!p.z) {
-        dx[c] = T(du);
-        continue;
-      }
-      const float s = sigmoid_f(v.z), dsilu = s * (1.f + v.z * (1.f - s));
-      T* dz = static_cast<T*>(p.dz) + r * p.dim;
-      if (p.norm_before_gate) {
-        const float go = float(static_cast<const T*>(p.dout)[r * p.dout_rs + c * p.dout_cs]);
-        dx[c] = T(du);
-        dz[c] = T(go * (yhat * w + b) * dsilu);
+      float xv[V], zv[V], go[V], dx[V], dz[V];
+      const T* xp = static_cast<const T*>(p.x) + r * p.x_rs;
+      const T* zp = p.z ? static_cast<const T*>(p.z) + r * p.z_rs : nullptr;
+      const T* gp = static_cast<const T*>(p.dout) + r * p.dout_rs;
+      if constexpr (kVec) {
+        load_vec<T, V>(xp + c0, xv);
+        if (zp) load_vec<T, V>(zp + c0, zv);
+        load_vec<T, V>(gp + c0, go);
       } else {
-        dx[c] = T(du * v.sz);
-        dz[c] = T(du * v.x * dsilu);
+        xv[0] = float(xp[c0 * p.x_cs]);
+        zv[0] = zp ? float(zp[c0 * p.z_cs]) : 0.f;
+        go[0] = float(gp[c0 * p.dout_cs]);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t c = c0 + j, g = c / p.group_size;
+        const float z = zp ? zv[j] : 0.f;
+        const float sg = sigmoid_f(z), sz = zp ? z * sg : 1.f;
+        const float u = (zp && !p.norm_before_gate) ? xv[j] * sz : xv[j];
+        const float rstd = rstd_in[r * p.ngroups + g];
+        const float gc = (zp && p.norm_before_gate) ? go[j] * sz : go[j];
+        const float yhat = u * rstd;
+        dw[j] += gc * yhat;
+        db[j] += gc;
+        const float du = rstd * (gc * w[j] - yhat * mean[r * p.ngroups + g]);
+        const float dsilu = sg * (1.f + z * (1.f - sg));
+        if (!zp) {
+          dx[j] = du;
+          dz[j] = 0.f;
+        } else if (p.norm_before_gate) {
+          dx[j] = du;
+          dz[j] = go[j] * (yhat * w[j] + b[j]) * dsilu;
+        } else {
+          dx[j] = du * sz;
+          dz[j] = du * xv[j] * dsilu;
+        }
+      }
+      T* dxp = static_cast<T*>(p.dx) + r * p.dim + c0;
+      T* dzp = zp ? static_cast<T*>(p.dz) + r * p.dim + c0 : nullptr;
+      if constexpr (kVec) {
+        store_vec<T, V>(dxp, dx);
+        if (dzp) store_vec<T, V>(dzp, dz);
+      } else {
+        dxp[0] = T(dx[0]);
+        if (dzp) dzp[0] = T(dz[0]);
       }
     }
-    dw_part[int64_t(blockIdx.x) * p.dim + c] = dw;
-    db_part[int64_t(blockIdx.x) * p.dim + c] = db;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      dw_part[int64_t(blockIdx.x) * p.dim + c0 + j] = dw[j];
+      db_part[int64_t(blockIdx.x) * p.dim + c0 + j] = db[j];
+    }
   }
 }
 
@@ -166,8 +231,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(r.p.rows, 65535 * 16));
-    fwd_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(r.p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bool_switch(vec_ok<T>(r.p, false), [&](auto vec) {
+      fwd_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(r.p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {r.out, r.rstd};
 }
@@ -190,9 +257,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (nblk > 0) {
-      bwd_kernel<T><<<static_cast<unsigned>(nblk), kThreads, 0, stream>>>(
-          p, rows_per_block, mean.data_ptr<float>(), dw_part.data_ptr<float>(), db_part.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bool_switch(vec_ok<T>(p, true), [&](auto vec) {
+        bwd_kernel<T, decltype(vec)::value><<<static_cast<unsigned>(nblk), kThreads, 0, stream>>>(
+            p, rows_per_block, mean.data_ptr<float>(), dw_part.data_ptr<float>(), db_part.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
     sum_parts_kernel<<<ceil_div(p.dim, kThreads), kThreads, 0, stream>>>(p, nblk, dw_part.data_ptr<float>(),
                                                                         db_part.data_ptr<float>());
