@@ -20,6 +20,32 @@ extract samblouir+quick_ssm quick_ssm pyproject.toml README.md \
 extract proger+accelerated-scan accelerated-scan LICENSE README.md pyproject.toml \
   accelerated_scan/{__init__,scalar,warp}.py accelerated_scan/warp.cuh
 
-mkdir -p "$repo/.git/info"
-grep -qxF '/.peers/' "$repo/.git/info/exclude" 2>/dev/null || echo '/.peers/' >> "$repo/.git/info/exclude"
+# fla (flash-linear-attention): only the packages chunk_gla's import chain needs (ops/gla, ops/common,
+# ops/utils, ops/backends, ops/attn and ops/cp for common's backends, and fla/utils). Its package
+# __init__ files for fla and fla.ops import every op and model (transformers, ...): they are emptied
+# (fla's keeps its __version__ line),
+# so `import fla.ops.gla.chunk` loads the GLA kernels alone.
+extract fla-org+flash-linear-attention fla LICENSE fla/__init__.py fla/utils fla/ops/__init__.py \
+  fla/ops/backends fla/ops/common fla/ops/gla fla/ops/utils fla/ops/attn fla/ops/cp
+grep '^__version__' "$repo/.peers/fla/fla/__init__.py" > "$repo/.peers/fla/fla/__init__.tmp"  # fla.utils imports it
+mv "$repo/.peers/fla/fla/__init__.tmp" "$repo/.peers/fla/fla/__init__.py"
+: > "$repo/.peers/fla/fla/ops/__init__.py"
+# DEST3D: the issm_triton package (imported as issm_triton.issm_combined; needs einops).
+extract OpenSpaceAI+DEST3D DEST3D issm_triton
+
+# einops (pure Python) is imported by DEST3D's issm_combined and fla's ops/attn: the GPU machine has
+# no network, so its wheel is unpacked beside both peers when pip can fetch it here.
+if python3 -m pip download -q einops --no-deps -d "$repo/.peers/.wheels" 2>/dev/null; then
+  for d in fla DEST3D; do python3 -m zipfile -e "$repo"/.peers/.wheels/einops-*.whl "$repo/.peers/$d"; done
+  echo "einops $(ls "$repo"/.peers/.wheels) -> .peers/{fla,DEST3D}"
+else
+  echo "einops not fetched: the DEST3D column needs einops installed on the GPU machine"
+fi
+
+# .peers/ must stay out of git: the checkout's .gitignore has it; also the common exclude file
+# (a worktree's .git is a file, so ask git where the common directory is).
+exclude="$(git -C "$repo" rev-parse --git-common-dir)/info/exclude"
+case "$exclude" in /*) ;; *) exclude="$repo/$exclude" ;; esac
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '/.peers/' "$exclude" 2>/dev/null || echo '/.peers/' >> "$exclude"
 du -sh "$repo/.peers"

@@ -1,8 +1,8 @@
 """Tests of the ISSM scan family (SPEC.md section 3, issue 4).
 
 Ground truth is ssm_ext.reference.issm (float64 loop over time). Every test runs on the CPU
-and, when a GPU is present and its kernel registered, on CUDA (the `cuda` parametrisation of
-`device`).
+and, when a GPU is present, on CUDA (the `cuda` parametrisation of `device`; kernels in
+csrc/issm/issm_fwd.cu, issm_bwd.cu).
 
     delta = clamp(phi(dt + dt_bias), lo, hi);  s_t = exp(delta*A) s_{t-1} + delta*B_t x_t
     y_t = C_t . s_t + D x_t;  out = y * silu(z)
@@ -21,15 +21,6 @@ from ssm_ext.norm import RMSNormGated
 from ssm_ext.reference import issm as ref
 
 from helpers import assert_rel, make_seq_idx, schema_args, tol_for
-
-
-@pytest.fixture(autouse=True)
-def _cuda_kernel_required(request):
-    """The ISSM CUDA kernels are not written yet (issue 4): the CUDA cases skip, saying so, until
-    one is registered, and then run."""
-    if ("device" in request.fixturenames and request.getfixturevalue("device") == "cuda"
-            and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::issm_fwd", "CUDA")):
-        pytest.skip("ssm_ext::issm_fwd has no CUDA kernel yet")
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -326,6 +317,119 @@ def test_cu_seqlens_with_seq_idx(device):
     inp["seq_idx"] = torch.tensor([[0] * 7 + [1] * 5 + [1] * 10 + [2] * 8], dtype=torch.int32, device=device)
     _check_fwd(inp, 16)
     _check_grads(inp)
+
+
+# --------------------------------------------------------------------------------------
+# several chunks and tiles (the CUDA kernels chunk L by 64 or 128 steps, tile P by up to 64
+# and N by up to 256): state passing across chunks, resets and sequence starts inside and on
+# chunk boundaries, P and N tails
+# --------------------------------------------------------------------------------------
+
+MULTI = [  # (b, L, H, G, P, N)
+    (2, 300, 2, 1, 36, 20),    # 5 chunks of 64 (3 of 128), P = 36 tail of a warp's 4
+    (1, 200, 3, 3, 70, 9),     # two p-tiles (70 > 64)
+    (1, 140, 2, 1, 3, 260),    # two n-tiles (260 > 256)
+    (1, 129, 4, 2, 5, 33),     # one step into a second chunk; N just above a warp's 32
+]
+
+
+@pytest.mark.parametrize("b,L,H,G,P,N", MULTI)
+def test_multi_chunk_fwd_bwd(device, b, L, H, G, P, N):
+    inp = _make(b, L, H, G, P, N, F32, device, D="hp", z=True, dt_bias="hn", init=True, softplus=True)
+    inp["A"] = inp["A"] * 0.1  # keep the state alive across chunks
+    _check_fwd(inp, 64, dt_softplus=True)
+    _check_grads(inp, dt_softplus=True)
+
+
+def test_multi_chunk_resets_on_boundaries(device):
+    """seq_idx changes exactly at, just before and just after chunk boundaries (64, 128)."""
+    b, L = 2, 260
+    inp = _make(b, L, 2, 1, 6, 10, F32, device, D="h", z=True, dt_bias="h", init=True)
+    inp["A"] = inp["A"] * 0.1
+    ids = torch.zeros(b, L, dtype=torch.int32)
+    for cut in (63, 64, 128, 129, 200):
+        ids[0, cut:] += 1
+    for cut in (1, 65, 127, 255):
+        ids[1, cut:] += 1
+    ids[1, 150:170] = -1
+    inp["seq_idx"] = ids.to(device)
+    _check_fwd(inp, 64)
+    _check_grads(inp)
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["noinit", "init"])
+def test_multi_chunk_cu_seqlens(device, init):
+    """Packed sequences spanning chunk boundaries, empty ones among them, with seq_idx too."""
+    lens = [70, 0, 64, 1, 0, 130, 15]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    T = sum(lens)
+    inp = _make(1, T, 2, 1, 5, 12, F32, device, D="hp", z=True, dt_bias="hn", init=init, nseq=len(lens))
+    inp["A"] = inp["A"] * 0.1
+    inp["cu_seqlens"] = cu
+    ids = torch.zeros(1, T, dtype=torch.int32)
+    ids[0, 100:] = 1
+    ids[0, 190:] = 2
+    inp["seq_idx"] = ids.to(device)
+    _, fs = _check_fwd(inp, 64)
+    if init:  # empty sequences return their initial state
+        assert torch.equal(fs[1], inp["initial_states"][1].float()) and torch.equal(fs[4], inp["initial_states"][4].float())
+    _check_grads(inp)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_multi_chunk_dest3d_shape(device, dtype):
+    """DEST3D's layer shape at a shorter L: P = 36, N = 128, initial and final states."""
+    inp = _make(2, 200, 4, 1, 36, 128, dtype, device, init=True)
+    _check_fwd(inp, 128)
+    _check_grads(inp, chunk_size=128)
+
+
+def test_deterministic_multi_chunk(device):
+    """Bitwise the same outputs and gradients on a second call, with several chunks, p- and
+    n-tiles, resets and packed sequences (the CUDA partial sums all have a fixed order)."""
+    lens = [150, 0, 90]
+    cu = torch.tensor([0, 150, 150, 240], dtype=torch.int32, device=device)
+    inp = _make(1, 240, 4, 2, 66, 40, F32, device, D="h", z=True, dt_bias="hn", init=True, softplus=True,
+                nseq=len(lens))
+    inp["cu_seqlens"] = cu
+    inp["seq_idx"] = torch.tensor([[0] * 100 + [1] * 140], dtype=torch.int32, device=device)
+    names = [k for k in DIFF if inp[k] is not None]
+    runs = []
+    for _ in range(2):
+        leaves = {k: (v.clone().requires_grad_() if k in names else v) for k, v in inp.items()}
+        out, fs = _call(leaves, dt_softplus=True)
+        g = torch.autograd.grad((out, fs), [leaves[k] for k in names], (torch.ones_like(out), torch.ones_like(fs)))
+        runs.append((out, fs, *g))
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    """Forward and backward run inside a CUDA graph (no host syncs, current stream) and replay
+    to the eager results."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    inp = _make(1, 130, 2, 1, 5, 12, F32, "cuda", D="hp", z=True, dt_bias="h", init=True, nseq=3)
+    inp["cu_seqlens"] = torch.tensor([0, 70, 70, 130], dtype=torch.int32, device="cuda")
+    op_f, op_b = torch.ops.ssm_ext.issm_fwd.default, torch.ops.ssm_ext.issm_bwd.default
+    v = dict(inp, chunk_size=64, dt_softplus=True, dt_limit_lo=0.0, dt_limit_hi=float("inf"),
+             return_final_states=True)
+    v["dout"] = torch.randn_like(inp["x"])
+    v["dfinal_states"] = torch.randn(3, 2, 5, 12, device="cuda")
+    eager = (*op_f(*schema_args(op_f, v)), *op_b(*schema_args(op_b, v)))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graph wants
+        op_f(*schema_args(op_f, v)), op_b(*schema_args(op_b, v))
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = (*op_f(*schema_args(op_f, v)), *op_b(*schema_args(op_b, v)))
+    g.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(eager, captured)):
+        assert torch.equal(a, b), f"result {i} differs after graph replay"
 
 
 # --------------------------------------------------------------------------------------
@@ -677,8 +781,6 @@ def test_bad_input_bwd(device):
 def test_bad_input_devices():
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::issm_fwd", "CUDA"):
-        pytest.skip("ssm_ext::issm_fwd has no CUDA kernel yet")
     for name, match in [("B", r"\bB must be on the same device"), ("A", r"\bA must be on the same device"),
                         ("D", r"\bD must be on the same device"),
                         ("initial_states", r"\binitial_states must be on the same device")]:

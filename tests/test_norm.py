@@ -1,7 +1,7 @@
 """Tests of the gated RMSNorm (SPEC.md section 3; mamba_ssm layernorm_gated semantics).
 
 Ground truth is ssm_ext.reference.norm (float64). Every test runs on the CPU and, when a GPU is
-present and the kernel registered, on CUDA.
+present, on CUDA (csrc/norm/norm_cuda.cu).
 
     norm_before_gate: out = rmsnorm(x) * silu(z);  else out = rmsnorm(x * silu(z))
 """
@@ -17,15 +17,6 @@ from ssm_ext.norm import RMSNormGated, rmsnorm_fn
 from ssm_ext.reference import norm as ref
 
 from helpers import assert_rel, schema_args, tol_for
-
-
-@pytest.fixture(autouse=True)
-def _cuda_kernel_required(request):
-    """The norm's CUDA kernel is not written yet (issue 4): the CUDA cases skip, saying so,
-    until one is registered, and then run."""
-    if ("device" in request.fixturenames and request.getfixturevalue("device") == "cuda"
-            and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::rmsnorm_gated_fwd", "CUDA")):
-        pytest.skip("ssm_ext::rmsnorm_gated_fwd has no CUDA kernel yet")
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -91,6 +82,14 @@ def test_float64_cpu():
 def test_shapes(device, shape):
     # With one channel, dx = rstd*g*w*(1 - yhat^2) is eps-sized: an fp32 cancellation, not compared.
     _check(_make(shape, F32, device, bias=True), 1e-5, None, False, grads=shape[-1] > 1)
+
+
+@pytest.mark.parametrize("group_size", [None, 64, 512, 3], ids=["gs_all", "gs64", "gs512", "gs3"])
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm_gate", "gate_norm"])
+def test_wide_rows(device, norm_before_gate, group_size):
+    """Rows wider than a CTA (1536 channels), groups wider than a warp and more groups than warps,
+    and enough rows for many dweight/dbias partial blocks."""
+    _check(_make((300, 1536), F32, device, bias=True), 1e-6, group_size, norm_before_gate)
 
 
 def test_empty_rows(device):

@@ -1,0 +1,59 @@
+// CUDA forward of the ISSM scan: phases A (chunk states), B (state passing), C (chunk output);
+// see issm_cuda.cuh. Same semantics as issm_cpu.cpp's forward.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "issm/issm.h"
+#include "issm/issm_cuda.cuh"
+
+namespace ssm_ext {
+namespace issm {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                                            const at::Tensor& B, const at::Tensor& C, int64_t chunk_size,
+                                            const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                            const c10::optional<at::Tensor>& dt_bias,
+                                            const c10::optional<at::Tensor>& initial_states,
+                                            const c10::optional<at::Tensor>& seq_idx,
+                                            const c10::optional<at::Tensor>& cu_seqlens, bool dt_softplus,
+                                            double dt_limit_lo, double dt_limit_hi, bool return_final_states) {
+  FwdArgs r = prepare_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                          dt_softplus, dt_limit_lo, dt_limit_hi, return_final_states);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const IssmParams& p = r.p;
+  TORCH_CHECK(p.dstate > 0, msg("dstate (B.size(3)) must be > 0 on CUDA, got ", p.dstate));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
+    const Tiling tl = make_tiling(p, 0, 8);
+    const auto f32 = x.options().dtype(at::kFloat);
+    at::Tensor states = at::empty({std::max<int64_t>(tl.nrows * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)}, f32);
+    at::Tensor prod = at::empty({std::max<int64_t>(tl.nrows * tl.nchunks * p.nheads * p.dstate, 1)}, f32);
+    at::Tensor ypart;
+    Bufs bufs;
+    bufs.states = states.data_ptr<float>();
+    bufs.prod = prod.data_ptr<float>();
+    if (tl.ntn > 1) {
+      ypart = at::empty({tl.ntn * tl.nrows * p.seqlen * p.nheads * p.headdim}, f32);
+      bufs.ypart = ypart.data_ptr<float>();
+    }
+    run_forward<T, kOut>(p, tl, bufs, stream);
+    if (p.final_states.ptr && (p.cu_seqlens || p.seqlen == 0) && p.nseq > 0) {
+      empty_segments_kernel<false><<<blocks_for(p.nseq * p.nheads * p.headdim * p.dstate, 256), 256, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {r.out, r.final_states};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssm_ext, CUDA, m) { m.impl("issm_fwd", &fwd_cuda); }
+
+}  // namespace issm
+}  // namespace ssm_ext
