@@ -1,0 +1,272 @@
+// Tile machinery shared by the HSTU CUDA kernels (dense and block-sparse).
+//
+// A CTA of kWarps warps owns a tile of "row" vectors (queries in the forward and dq passes,
+// keys in the dk/dv passes), 16 rows per warp, and walks tiles of "column" vectors staged
+// in shared memory. Two warp-level products cover every kernel:
+//   gemm_abt: acc (16 x 8NT)  += A (16 rows of a smem tile) . B (8NT rows of a smem tile)^T   over D
+//   gemm_pb:  out (16 x D)    += P (16 x 8NK, in accumulator fragments) . B (8NK rows, D wide)
+// For fp16 / bf16 they are ldmatrix + mma.sync.m16n8k16 (fp32 accumulate); for fp32 they are
+// FFMA loops (fp32 accuracy) that give every thread the same fragment elements, so all the
+// element-wise code (scores, masks, gates, stores) is shared by both paths.
+//
+// Shared tiles are [rows][D] with 16-byte chunks XOR-swizzled by row (ldmatrix reads 8 rows of
+// one logical chunk: the swizzle puts them in 8 different bank groups). Global rows are
+// staged by cp.async with zero fill: rows past the sequence and columns past the head width
+// read as 0, and silu(0) = 0, so padded keys and columns add nothing.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "common/load.h"
+#include "common/mma.cuh"
+#include "hstu_bsa/hstu_bsa.h"
+
+namespace ssm_ext {
+namespace hstu_bsa {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = kWarps * 16;  // row tile of every kernel: 64
+
+// ---------------------------------------------------------------- global operands
+
+// One jagged (T, H * d) input as the kernels read it: element (row r, head h, column c) at
+// ptr[r * st + h * hs + c], columns contiguous, 16-byte aligned rows; columns >= cols are 0.
+struct Operand {
+  const void* ptr = nullptr;
+  int64_t st = 0, hs = 0;
+  int cols = 0;
+};
+
+// Head width padded for the kernels: 32, 64 or 128.
+inline int padded_dim(int64_t d) { return d <= 32 ? 32 : d <= 64 ? 64 : 128; }
+constexpr int64_t kMaxDim = 128;
+
+// x (T, H*d) as an Operand: in place when its columns are contiguous and rows 16-byte aligned,
+// else a zero-padded contiguous copy (T, H*dpad) held in `keep`.
+inline Operand make_operand(const at::Tensor& x, int64_t heads, int64_t d, at::Tensor& keep) {
+  const int64_t e = 16 / x.element_size();
+  Operand o;
+  if (x.stride(1) == 1 && d % e == 0 && x.stride(0) % e == 0 && aligned16(x.data_ptr())) {
+    o.ptr = x.data_ptr();
+    o.st = x.stride(0);
+    o.hs = d;
+    o.cols = static_cast<int>(d);
+    return o;
+  }
+  const int64_t dpad = (d + e - 1) / e * e;
+  keep = at::zeros({x.size(0), heads * dpad}, x.options());
+  keep.view({x.size(0), heads, dpad}).narrow(2, 0, d).copy_(x.unflatten(1, {heads, d}));
+  o.ptr = keep.data_ptr();
+  o.st = heads * dpad;
+  o.hs = dpad;
+  o.cols = static_cast<int>(dpad);
+  return o;
+}
+
+inline void check_cuda_dims(const HstuParams& p) {
+  TORCH_CHECK(p.dim_qk <= kMaxDim && p.dim_v <= kMaxDim,
+              msg("HSTU attention on CUDA supports per-head widths up to ", kMaxDim, " (attention_dim = ",
+                  p.dim_qk, ", linear_dim = ", p.dim_v, "); use the CPU for wider heads"));
+}
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for q's dtype and the padded head width.
+template <typename F>
+void dispatch_hstu(at::ScalarType t, int dim, F&& f) {
+  auto with_dim = [&](auto tv) {
+    switch (dim) {
+      case 32: f(tv, std::integral_constant<int, 32>{}); break;
+      case 64: f(tv, std::integral_constant<int, 64>{}); break;
+      default: f(tv, std::integral_constant<int, 128>{}); break;
+    }
+  };
+  switch (t) {
+    case at::kFloat: with_dim(float{}); break;
+    case at::kHalf: with_dim(c10::Half{}); break;
+    case at::kBFloat16: with_dim(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, msg("q must be float32, float16 or bfloat16 on CUDA, got ", t));
+  }
+}
+
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// ---------------------------------------------------------------- shared tiles
+
+template <typename T, int D>
+struct Tile {
+  static constexpr int kE = 16 / sizeof(T);  // elements per 16-byte chunk
+  static constexpr int kC = D / kE;          // chunks per row: 4 .. 32
+  static_assert(kC >= 4, "rows of at least 64 bytes");
+  __device__ __forceinline__ static int swz(int r) { return kC >= 8 ? (r & 7) : ((r >> 1) & 3); }
+  // Offset (elements) of chunk c of row r, and of element k of row r.
+  __device__ __forceinline__ static int off(int r, int c) { return r * D + ((c ^ swz(r)) * kE); }
+  __device__ __forceinline__ static int elem(int r, int k) { return off(r, k / kE) + k % kE; }
+};
+
+// Stages rows [0, ROWS) of g (row stride st elements) into the tile s; rows >= nrows and
+// columns >= cols are zero-filled. `safe` is any mapped address (for the zero-fill copies).
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t st, int nrows, int cols, const void* safe,
+                                          int tid) {
+  using L = Tile<T, D>;
+  constexpr int kTotal = ROWS * L::kC;
+#pragma unroll 4
+  for (int i = tid; i < kTotal; i += kThreads) {
+    const int r = i / L::kC, c = i % L::kC;
+    const bool ok = r < nrows && c * L::kE < cols;
+    mma::cp_async16(s + L::off(r, c), ok ? static_cast<const void*>(g + r * st + c * L::kE) : safe, ok);
+  }
+}
+
+// ---------------------------------------------------------------- warp products
+
+template <typename T>
+constexpr bool kTensorCores = !std::is_same_v<T, float>;
+
+// acc[j][e] += sum_k A[a0 + row(e)][k] * B[b0 + 8j + col(e)][k], k < D.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const T* sA, int a0, const T* sB, int b0, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      mma::ldmatrix_x4(a, sA + L::off(a0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+        mma::mma16816<T>(acc[j], a, b[0], b[1]);
+        mma::mma16816<T>(acc[j + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < D; k += 4) {
+      const float4 x0 = *reinterpret_cast<const float4*>(sA + L::elem(a0 + g, k));
+      const float4 x1 = *reinterpret_cast<const float4*>(sA + L::elem(a0 + g + 8, k));
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float4 y0 = *reinterpret_cast<const float4*>(sB + L::elem(b0 + 8 * j + 2 * q, k));
+        const float4 y1 = *reinterpret_cast<const float4*>(sB + L::elem(b0 + 8 * j + 2 * q + 1, k));
+        acc[j][0] += x0.x * y0.x + x0.y * y0.y + x0.z * y0.z + x0.w * y0.w;
+        acc[j][1] += x0.x * y1.x + x0.y * y1.y + x0.z * y1.z + x0.w * y1.w;
+        acc[j][2] += x1.x * y0.x + x1.y * y0.y + x1.z * y0.z + x1.w * y0.w;
+        acc[j][3] += x1.x * y1.x + x1.y * y1.y + x1.z * y1.z + x1.w * y1.w;
+      }
+    }
+  }
+}
+
+// out[dt][e] += sum_kk P[row(e)][kk] * B[b0 + kk][8dt + col(e)], kk < 8NK. The fp32 path goes
+// through `scratch`, this warp's 16 x 8NK floats of shared memory.
+template <typename T, int D, int NK>
+__device__ __forceinline__ void gemm_pb(float (&out)[D / 8][4], const float (&P)[NK][4], const T* sB, int b0,
+                                        float* scratch, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NK % 2 == 0, "16-wide k steps");
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      const uint32_t a[4] = {mma::pack2<T>(P[2 * kk][0], P[2 * kk][1]), mma::pack2<T>(P[2 * kk][2], P[2 * kk][3]),
+                             mma::pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]),
+                             mma::pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
+        mma::mma16816<T>(out[dt], a, b[0], b[1]);
+        mma::mma16816<T>(out[dt + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    constexpr int W = 8 * NK + 4;  // padded scratch row
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NK; ++j) {
+      scratch[g * W + 8 * j + 2 * q] = P[j][0];
+      scratch[g * W + 8 * j + 2 * q + 1] = P[j][1];
+      scratch[(g + 8) * W + 8 * j + 2 * q] = P[j][2];
+      scratch[(g + 8) * W + 8 * j + 2 * q + 1] = P[j][3];
+    }
+    __syncwarp();
+#pragma unroll 2
+    for (int kk = 0; kk < 8 * NK; ++kk) {
+      const float p0 = scratch[g * W + kk], p1 = scratch[(g + 8) * W + kk];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const float2 y = *reinterpret_cast<const float2*>(sB + L::elem(b0 + kk, 8 * dt + 2 * q));
+        out[dt][0] += p0 * y.x;
+        out[dt][1] += p0 * y.y;
+        out[dt][2] += p1 * y.x;
+        out[dt][3] += p1 * y.y;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// Floats of fp32 scratch per warp for gemm_pb with NK column groups (0 on tensor cores).
+template <typename T, int NK>
+constexpr int scratch_floats() {
+  return kTensorCores<T> ? 0 : 16 * (8 * NK + 4);
+}
+
+// ---------------------------------------------------------------- element-wise
+
+// silu(x) = x * sig and sig = sigmoid(x). fp32 inputs: exp (ex2.approx, ~2^-22) and a
+// division; fp16 / bf16: one tanh.approx, sig = (1 + tanh(x / 2)) / 2.
+template <typename T>
+__device__ __forceinline__ float sigmoid_t(float x) {
+  if constexpr (kTensorCores<T>) return fmaf(0.5f, mma::tanh_approx(0.5f * x), 0.5f);
+  else return 1.f / (1.f + __expf(-x));
+}
+
+// Fragment coordinates: element e of 8-column tile j of warp w's 16 rows.
+__device__ __forceinline__ int frag_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int frag_col(int lane, int j, int e) { return 8 * j + 2 * (lane & 3) + (e & 1); }
+
+// mask(t, j) of sequence b; 1 when absent.
+__device__ __forceinline__ float mask_at(const HstuParams& p, int64_t b, int64_t t, int64_t j) {
+  if (!p.mask.ptr) return 1.f;
+  const int64_t mb = p.mask_batch == 1 ? 0 : b;
+  return load_as<float>(p.mask.ptr, p.mask_dtype, mb * p.mask.s0 + t * p.mask.s1 + j * p.mask.s2);
+}
+
+// Writes scale * o (16 rows of this warp, r0 = the warp's first row within the tile) to the
+// head's columns of m: rows >= nrows and columns >= cols are skipped. base = element (tile row
+// 0, head column 0).
+template <typename T, int D>
+__device__ __forceinline__ void store_frag(const float (&o)[D / 8][4], T* base, const Mat& m, int r0, int nrows,
+                                           int cols, float scale, int lane) {
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = r0 + frag_row(lane, e), c = frag_col(lane, dt, e);
+      if (r < nrows && c < cols) base[r * m.st + c * m.sc] = T(o[dt][e] * scale);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
+}
+
+}  // namespace hstu_bsa
+}  // namespace ssm_ext
