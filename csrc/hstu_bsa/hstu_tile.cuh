@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/load.h"
 #include "common/mma.cuh"
 #include "hstu_bsa/hstu_bsa.h"
@@ -266,6 +267,133 @@ template <int N>
 __device__ __forceinline__ void zero(float (&a)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
+}
+
+// ---------------------------------------------------------------- block means (kbar, vbar)
+
+// Complete blocks per sequence, as prefix sums: cblk[b] = sum_{b' < b} len_b' / block_size
+// (B + 1 entries, int64, on the device; no host sync).
+inline at::Tensor block_offsets(const at::Tensor& offsets, int64_t block_size) {
+  const at::Tensor nb = at::floor_divide(offsets.narrow(0, 1, offsets.size(0) - 1) - offsets.narrow(0, 0, offsets.size(0) - 1),
+                                         block_size);
+  return at::cat({at::zeros({1}, offsets.options()), at::cumsum(nb, 0)});
+}
+
+constexpr int kMeanBlocks = 8;  // blocks per CTA of the means kernel (16 threads each)
+
+// hi[(cblk[b] + c, h, i)] = mean over block c of sequence b of x's head h column i (fp32 sum),
+// rounded to T; lo (fp16 / bf16 only, may be null) gets the rounding remainder, so hi + lo
+// carries the mean to about 16 bits more. Columns i in [d, dpad) are 0.
+template <typename T>
+__global__ void __launch_bounds__(128) block_means_kernel(const HstuParams p, const Mat x, int64_t d,
+                                                          const int64_t* cblk, T* hi, T* lo, int dpad) {
+  const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  const int64_t start = p.offsets[b];
+  const int64_t nb = (p.offsets[b + 1] - start) / p.block_size;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kMeanBlocks + threadIdx.x / 16;
+  if (c >= nb) return;
+  const T* src = static_cast<const T*>(x.ptr);
+  const int64_t row0 = start + c * p.block_size;
+  const int64_t out0 = ((cblk[b] + c) * p.heads + h) * dpad;
+  const float inv = 1.f / static_cast<float>(p.block_size);
+  for (int i = threadIdx.x % 16; i < dpad; i += 16) {
+    float s = 0.f;
+    if (i < d) {
+      const T* col = src + (h * d + i) * x.sc;
+      for (int64_t j = 0; j < p.block_size; ++j) s += static_cast<float>(col[(row0 + j) * x.st]);
+    }
+    const float m = s * inv;
+    const T mh = static_cast<T>(m);
+    hi[out0 + i] = mh;
+    if (lo) lo[out0 + i] = static_cast<T>(m - static_cast<float>(mh));
+  }
+}
+
+// Means of x (T, H*d) over the complete blocks: (total blocks, H, dpad) in x's dtype (hi), and
+// the remainders (lo) when want_lo and x is fp16 / bf16 (else lo stays undefined).
+inline void block_means(const HstuParams& p, const at::Tensor& x, int64_t d, const at::Tensor& cblk, int dpad,
+                        bool want_lo, at::Tensor& hi, at::Tensor& lo, cudaStream_t stream) {
+  const int64_t rows = p.total / p.block_size + 1;
+  hi = at::empty({rows, p.heads, dpad}, x.options());
+  const bool with_lo = want_lo && x.scalar_type() != at::kFloat;
+  if (with_lo) lo = at::empty({rows, p.heads, dpad}, x.options());
+  const int64_t max_nb = p.max_len / p.block_size;
+  if (max_nb == 0) return;
+  TORCH_CHECK((max_nb + kMeanBlocks - 1) / kMeanBlocks <= 65535, "too many blocks per sequence for CUDA");
+  Mat m;
+  m.ptr = x.data_ptr();
+  m.st = x.stride(0);
+  m.sc = x.stride(1);
+  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>((max_nb + kMeanBlocks - 1) / kMeanBlocks));
+  dispatch_io_dtype(x.scalar_type(), "x", [&](auto tv) {
+    using T = decltype(tv);
+    block_means_kernel<T><<<grid, 128, 0, stream>>>(p, m, d, cblk.data_ptr<int64_t>(), static_cast<T*>(hi.data_ptr()),
+                                                    with_lo ? static_cast<T*>(lo.data_ptr()) : nullptr, dpad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------- block-sparse tile sets
+
+// Key tiles (of kRows keys) a query tile needs for the selected and window branches, as a
+// bitmap over the sequence's key tiles: the tiles of every valid selected block of its rows
+// (keys <= t) and the window band. Bit setting is an OR, so the result is order-free.
+__device__ __forceinline__ void build_key_tiles(const HstuParams& p, int64_t start, int64_t h, int len, int q0,
+                                                uint32_t* bits, int words, int tid) {
+  for (int i = tid; i < words; i += kThreads) bits[i] = 0u;
+  __syncthreads();
+  const int last = min(len, q0 + kRows) - 1;
+  if (tid < kRows && q0 + tid < len) {
+    const int64_t t = q0 + tid;
+    const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
+    for (int64_t s = 0; s < p.block_counts; ++s) {
+      const int64_t c = idx[s * p.block_idx.s2];
+      if (c < 0 || c * p.block_size > t) continue;
+      const int64_t a = c * p.block_size / kRows, z = min((c + 1) * p.block_size - 1, t) / kRows;
+      for (int64_t kt = a; kt <= z; ++kt) atomicOr(&bits[kt >> 5], 1u << (kt & 31));
+    }
+  }
+  if (p.window_size > 0) {
+    const int a = static_cast<int>(max(int64_t(0), q0 - p.window_size + 1) / kRows), z = last / kRows;
+    for (int kt = a + tid; kt <= z; kt += kThreads) atomicOr(&bits[kt >> 5], 1u << (kt & 31));
+  }
+  __syncthreads();
+}
+
+// The first set bit at or after `from`, or -1.
+__device__ __forceinline__ int next_bit(const uint32_t* bits, int words, int from) {
+  int wd = from >> 5;
+  if (wd >= words) return -1;
+  uint32_t m = bits[wd] & (~0u << (from & 31));
+  while (true) {
+    if (m) return wd * 32 + __ffs(m) - 1;
+    if (++wd >= words) return -1;
+    m = bits[wd];
+  }
+}
+
+// mult[r * kRows + (j - k0)] = how often query row t = t0 + r lists the block of key j
+// (k0 <= j < k0 + kRows, j <= t), for rows r < nrows (one thread per row). Rows past the
+// sequence get 0.
+__device__ __forceinline__ void build_mult(const HstuParams& p, int64_t start, int64_t h, int len, int t0, int k0,
+                                           int nrows, uint16_t* mult, int tid) {
+  if (tid >= nrows) return;
+  uint16_t* row = mult + tid * kRows;
+  for (int i = 0; i < kRows; ++i) row[i] = 0;
+  const int64_t t = t0 + tid;
+  if (t >= len) return;
+  const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
+  const int64_t kz = min(t, int64_t(k0 + kRows - 1));
+  for (int64_t s = 0; s < p.block_counts; ++s) {
+    const int64_t c = idx[s * p.block_idx.s2];
+    if (c < 0) continue;
+    const int64_t a = max(c * p.block_size, int64_t(k0)), z = min((c + 1) * p.block_size - 1, kz);
+    for (int64_t j = a; j <= z; ++j) ++row[j - k0];
+  }
+}
+
+__device__ __forceinline__ float gate_at(const HstuParams& p, const Mat3& g, int64_t row, int64_t h, int br) {
+  return load_as<float>(g.ptr, p.gates_dtype, row * g.s0 + h * g.s1 + br * g.s2);
 }
 
 }  // namespace hstu_bsa
