@@ -220,6 +220,73 @@ __device__ __forceinline__ void gemm_pb(float (&out)[D / 8][4], const float (&P)
   }
 }
 
+// The same two products for MT 16-row tiles per warp (rows a0 + 16 mt): every B fragment read
+// from shared memory feeds MT tensor-core ops, halving the ldmatrix traffic per MMA at MT = 2.
+// The fp32 path runs the single-tile product per tile.
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void gemm_abt_mt(float (&acc)[MT][NT][4], const T* sA, int a0, const T* sB, int b0,
+                                            int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        mma::ldmatrix_x4(a[mt], sA + L::off(a0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma::mma16816<T>(acc[mt][j], a[mt], b[0], b[1]);
+          mma::mma16816<T>(acc[mt][j + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) gemm_abt<T, D, NT>(acc[mt], sA, a0 + mt * 16, sB, b0, lane);
+  }
+}
+
+template <typename T, int D, int NK, int MT>
+__device__ __forceinline__ void gemm_pb_mt(float (&out)[MT][D / 8][4], const float (&P)[MT][NK][4], const T* sB,
+                                           int b0, float* scratch, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NK % 2 == 0, "16-wide k steps");
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = mma::pack2<T>(P[mt][2 * kk][0], P[mt][2 * kk][1]);
+        a[mt][1] = mma::pack2<T>(P[mt][2 * kk][2], P[mt][2 * kk][3]);
+        a[mt][2] = mma::pack2<T>(P[mt][2 * kk + 1][0], P[mt][2 * kk + 1][1]);
+        a[mt][3] = mma::pack2<T>(P[mt][2 * kk + 1][2], P[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma::mma16816<T>(out[mt][dt], a[mt], b[0], b[1]);
+          mma::mma16816<T>(out[mt][dt + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) gemm_pb<T, D, NK>(out[mt], P[mt], sB, b0, scratch, lane);
+  }
+}
+
 // Floats of fp32 scratch per warp for gemm_pb with NK column groups (0 on tensor cores).
 template <typename T, int NK>
 constexpr int scratch_floats() {
