@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ["causal_conv1d", "scan", "issm"]
+FAMILIES = ["causal_conv1d", "scan", "issm", "hstu_bsa"]
 NOMINAL_BW = 3.02e12  # B/s and FLOP/s of the H100 floors in ALGORITHMS.md section 1
 PEAK_FLOPS = 722e12
 # A GPU spin (~1 ms) before each rep lets the CPU queue the whole rep, so the events time the

@@ -23,15 +23,6 @@ from ssm_ext.reference import hstu_bsa as ref
 from helpers import assert_rel, schema_args, tol_for
 
 
-@pytest.fixture(autouse=True)
-def _cuda_kernel_required(request):
-    """The HSTU CUDA kernels are not written yet (issue 5): their CUDA cases skip, saying so,
-    until one is registered, and then run."""
-    if ("device" in request.fixturenames and request.getfixturevalue("device") == "cuda"
-            and not torch._C._dispatch_has_kernel_for_dispatch_key("ssm_ext::hstu_bsa_fwd", "CUDA")):
-        pytest.skip("ssm_ext::hstu_bsa_fwd has no CUDA kernel yet")
-
-
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ERRORS = (RuntimeError, ValueError)
 COMPILE_BACKEND = os.environ.get("SSM_EXT_COMPILE_BACKEND", "inductor")
@@ -446,6 +437,95 @@ def test_gradcheck_dense_float64_cpu():
 
 
 # --------------------------------------------------------------------------------------
+# sizes that cross the CUDA tiles (64 queries / keys, 64 block means per tile)
+# --------------------------------------------------------------------------------------
+
+TILE_LENS = [1, 0, 150, 64, 70]          # several query tiles, one exactly a tile, empty, 1
+TILE_CASES = {  # block_size, block_counts, window
+    "bs16_w40": (16, 4, 40),
+    "bs64_w100": (64, 2, 100),
+    "bs3_no_window": (3, 5, 0),
+    "bs1_w1": (1, 3, 1),
+}
+
+
+def _check_tiles(dtype, device, dims, case, mask_on=False, u_on=True, heads=2, lens=TILE_LENS):
+    bs, counts, window = TILE_CASES[case]
+    da, dl = dims
+    n = max(lens)
+    q, k, v, u, gates, off = _inputs(lens, dtype, device, heads, da, dl)
+    u = u if u_on else None
+    mask = _mask(len(lens), n, device) if mask_on else None
+    alpha = 1.0 / math.sqrt(da)
+    idx = ops.hstu_bsa_topk(q, k, off, n, heads, alpha, bs, counts)
+    _assert_same_selection(idx, q, k, off, heads, bs, counts, alpha, rtol=1e-5 if dtype == F32 else 1e-3)
+    leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+    out = ops.hstu_bsa_fwd(*leaves, idx, off, n, heads, alpha, bs, window, mask)
+    refs = [None if t is None else _cpu(t).double().requires_grad_() for t in (q, k, v, u, gates)]
+    r, _ = ref.hstu_bsa(*refs, _cpu(off), n, heads, bs, counts, window, alpha=alpha, attn_mask=_cpu(mask),
+                        block_idx=_cpu(idx))
+    tol = tol_for(dtype)
+    assert_rel(out, r, tol, f"bsa out {case} d={da}/{dl}")
+    dout = torch.randn(out.shape, device=device).to(dtype)
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, live, dout)
+    rgrads = torch.autograd.grad(r, [t for t in refs if t is not None], _cpu(dout).double())
+    names = [nm for nm, t in zip(["dq", "dk", "dv", "du", "dgates"], leaves) if t is not None]
+    for name, g, rg in zip(names, grads, rgrads):
+        assert g.shape == rg.shape and g.dtype == dtype, name
+        assert_rel(g, rg, tol * (2 if dtype != F32 else 1), f"bsa {name} {case} d={da}/{dl}")
+
+
+@pytest.mark.parametrize("case", list(TILE_CASES))
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_bsa_tiles(device, dtype, case):
+    _check_tiles(dtype, device, (32, 32), case)
+
+
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (48, 96), (8, 6)], ids=["64", "128", "48x96", "8x6"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_bsa_tiles_head_dims(device, dtype, dims):
+    _check_tiles(dtype, device, dims, "bs16_w40")
+
+
+@pytest.mark.parametrize("mask_on,u_on", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_bsa_tiles_mask_u(device, dtype, mask_on, u_on):
+    _check_tiles(dtype, device, (32, 32), "bs16_w40", mask_on=mask_on, u_on=u_on)
+
+
+def test_bsa_duplicate_and_invalid_indices(device):
+    """block_idx given by hand: repeated blocks count as often as listed, entries < 0 or past
+    t are skipped (as the CPU kernel does)."""
+    lens, n, bs, heads = [150, 40], 150, 16, 2
+    q, k, v, u, gates, off = _inputs(lens, F32, device, heads, 32, 32)
+    T = sum(lens)
+    idx = torch.randint(-2, 12, (T, heads, 6), device=device, dtype=torch.int32)
+    idx[:, :, 1] = idx[:, :, 0]
+    leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+    out = ops.hstu_bsa_fwd(*leaves, idx, off, n, heads, 0.3, bs, 20, None)
+    refs = [_cpu(t).double().requires_grad_() for t in (q, k, v, u, gates)]
+    r, _ = ref.hstu_bsa(*refs, _cpu(off), n, heads, bs, 6, 20, alpha=0.3, block_idx=_cpu(idx))
+    assert_rel(out, r, 1e-5, "out (hand-made block_idx)")
+    dout = torch.randn_like(out)
+    for name, g, rg in zip(["dq", "dk", "dv", "du", "dgates"], torch.autograd.grad(out, leaves, dout),
+                           torch.autograd.grad(r, refs, _cpu(dout).double())):
+        assert_rel(g, rg, 1e-5, f"{name} (hand-made block_idx)")
+
+
+def test_bsa_tiles_deterministic(device):
+    q, k, v, u, gates, off = _inputs(TILE_LENS, BF16, device, 2, 64, 64)
+    idx = ops.hstu_bsa_topk(q, k, off, 150, 2, 0.125, 16, 4)
+    runs = []
+    for _ in range(2):
+        leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+        out = ops.hstu_bsa_fwd(*leaves, idx, off, 150, 2, 0.125, 16, 40, None)
+        runs.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
 # dense HSTU attention
 # --------------------------------------------------------------------------------------
 
@@ -466,6 +546,67 @@ def test_dense(device, dtype, mask_on):
     rgrads = torch.autograd.grad(r, refs, _cpu(dout).double())
     for name, g, rg in zip(["dq", "dk", "dv"], grads, rgrads):
         assert_rel(g, rg, tol_for(dtype) * (2 if dtype != F32 else 1), f"dense {name}")
+
+
+DENSE_DIMS = [(32, 32), (48, 48), (64, 64), (96, 96), (128, 128), (64, 32), (8, 6), (40, 128)]
+# lengths 1, 0, around the 64-row CUDA tile, several tiles, shorter than a tile
+DENSE_LENS = [1, 0, 63, 64, 65, 130, 17]
+
+
+def _check_dense(lens, dtype, device, heads, da, dl, mask_on=False, strided=False, tol=None):
+    T = sum(lens)
+    n = max(lens + [1])
+    if strided:  # column slices of one projection (row stride > width) and a transposed v
+        buf = torch.randn(T, 2 * heads * da + 8, device=device).to(dtype)
+        q, k = buf[:, 8:8 + heads * da], buf[:, 8 + heads * da:]
+        v = torch.randn(heads * dl, T, device=device).to(dtype).t()
+        off = _offsets(lens, device)
+    else:
+        q, k, v, _, _, off = _inputs(lens, dtype, device, heads, da, dl)
+    mask = _mask(len(lens), n, device) if mask_on else None
+    leaves = [_leaf(t) for t in (q, k, v)]
+    out, _, _ = hstu_attention(heads, da, dl, *leaves, off, torch.zeros(1, n, n), attn_mask=mask)
+    refs = [_cpu(t).double().requires_grad_() for t in (q, k, v)]
+    r = ref.hstu_attention(*refs, _cpu(off), n, heads, attn_mask=_cpu(mask))
+    tol = tol if tol is not None else tol_for(dtype)
+    assert out.dtype == dtype and out.shape == (T, heads * dl)
+    assert_rel(out, r, tol, f"dense out d={da}/{dl}")
+    dout = torch.randn(out.shape, device=device).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    rgrads = torch.autograd.grad(r, refs, _cpu(dout).double())
+    for name, g, rg in zip(["dq", "dk", "dv"], grads, rgrads):
+        assert g.shape == rg.shape and g.dtype == dtype
+        assert_rel(g, rg, tol * (2 if dtype != F32 else 1), f"dense {name} d={da}/{dl}")
+    return out, grads
+
+
+@pytest.mark.parametrize("dims", DENSE_DIMS, ids=[f"{a}x{b}" for a, b in DENSE_DIMS])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_dense_head_dims(device, dtype, dims):
+    """Every dtype and head width of the CUDA tiles (padded widths 48, 96, 40, 8 / 6, dqk != dv),
+    with lengths 0, 1, around and past the 64-row tile."""
+    _check_dense(DENSE_LENS, dtype, device, 2, *dims)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dims", [(32, 32), (128, 128), (8, 6)], ids=["32", "128", "8x6"])
+def test_dense_mask_and_strides(device, dtype, dims):
+    _check_dense([70, 1, 33], dtype, device, 3, *dims, mask_on=True)
+    _check_dense([70, 1, 33], dtype, device, 3, *dims, strided=True)
+
+
+def test_dense_long_deterministic(device):
+    """A few hundred rows (many key tiles through the pipeline); two runs agree bitwise."""
+    out, grads = _check_dense([300, 129], BF16, device, 2, 64, 64)
+    torch.manual_seed(0)
+    q, k, v, _, _, off = _inputs([257, 5], F32, device, 2, 32, 32)
+    runs = []
+    for _ in range(2):
+        leaves = [_leaf(t) for t in (q, k, v)]
+        o, _, _ = hstu_attention(2, 32, 32, *leaves, off, torch.zeros(1, 257, 257))
+        runs.append((o, *torch.autograd.grad(o, leaves, torch.ones_like(o))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_dense_equals_full_window(device):

@@ -1,0 +1,217 @@
+// HSTU block-sparse attention, forward (CUDA): out(t) = u_t * (g_cmp o_cmp + g_slc o_slc + g_swa o_swa)
+// (SPEC.md section 6; notes/hstu_bsa.md). Gates are per row, so each branch's weights are
+// scaled by their gate and every branch adds into one O accumulator.
+//
+// A CTA owns 64 queries of one (sequence, head), 4 warps x 16 rows:
+//  1. compressed: tiles of 64 block means (kbar, vbar from block_means_kernel), weight
+//     silu(alpha q.kbar_c) / n * g_cmp for complete blocks c with (c + 1) BS - 1 <= t;
+//  2. selected + window in one pass over the union of the key tiles that any row selects or
+//     that meet the window band (a bitmap over key tiles, build_key_tiles). Per key tile the
+//     rows' selections become a multiplicity tile mult(t, j) (build_mult), and
+//     w(t, j) = silu(alpha q.k_j) / n * mask(t, j) * (g_slc mult(t, j) + g_swa [t - W < j <= t]),
+//     so silu is computed once where the branches overlap.
+// Same 2-stage cp.async pipeline and warp products as the dense kernel (hstu_tile.cuh).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "hstu_bsa/hstu_bsa_cuda.cuh"
+
+namespace ssm_ext {
+namespace hstu_bsa {
+
+template <typename T, int D>
+constexpr size_t bsa_fwd_smem(int words) {
+  return size_t(kRows + 4 * kRows) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kRows / 8>() * 4 +
+         size_t(kRows) * kRows * 2 + size_t(words) * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, const BsaOperands X, int n_tiles,
+                                                           int words) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kRows * D;       // 2 stages
+  T* sV = sK + 2 * kRows * D;   // 2 stages
+  float* scratch = reinterpret_cast<float*>(sV + 2 * kRows * D);
+  uint16_t* mult = reinterpret_cast<uint16_t*>(scratch + kWarps * scratch_floats<T, kRows / 8>());
+  uint32_t* bits = reinterpret_cast<uint32_t*>(mult + kRows * kRows);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  const int64_t start = p.offsets[b];
+  const int len = static_cast<int>(p.offsets[b + 1] - start);
+  const int q0 = (n_tiles - 1 - static_cast<int>(blockIdx.y)) * kRows;
+  if (q0 >= len) return;
+  float* wscratch = scratch + w * scratch_floats<T, kRows / 8>();
+  const int bs = static_cast<int>(p.block_size);
+  const int last = min(len, q0 + kRows) - 1;
+
+  const T* gQ = static_cast<const T*>(X.q.ptr) + start * X.q.st + h * X.q.hs;
+  const T* gK = static_cast<const T*>(X.k.ptr) + start * X.k.st + h * X.k.hs;
+  const T* gV = static_cast<const T*>(X.v.ptr) + start * X.v.st + h * X.v.hs;
+  const int64_t mst = p.heads * D;  // row stride of the means
+  const T* gKb = static_cast<const T*>(X.kbar) + X.cblk[b] * mst + h * D;
+  const T* gVb = static_cast<const T*>(X.vbar) + X.cblk[b] * mst + h * D;
+  load_tile<T, D, kRows>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
+  mma::cp_async_commit();
+  build_key_tiles(p, start, h, len, q0, bits, words, tid);
+
+  // This thread's rows (e >> 1 = 0, 1) and their gates.
+  const float alpha = static_cast<float>(p.alpha), inv_n = 1.f / static_cast<float>(p.n);
+  const bool has_mask = p.mask.ptr != nullptr;
+  const int wnd = static_cast<int>(min(p.window_size, int64_t(len)));
+  float gc[2], gs[2], gw[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int t = q0 + w * 16 + (lane >> 2) + 8 * i;
+    gc[i] = gs[i] = gw[i] = 0.f;
+    if (t < len) {
+      gc[i] = gate_at(p, p.gates, start + t, h, 0);
+      gs[i] = gate_at(p, p.gates, start + t, h, 1);
+      gw[i] = wnd > 0 ? gate_at(p, p.gates, start + t, h, 2) : 0.f;
+    }
+  }
+  float o[D / 8][4];
+  zero(o);
+
+  // 1. compressed branch: blocks 0 .. n_cmp - 1.
+  const int n_cmp = (last + 1) / bs;
+  const int n_ct = (n_cmp + kRows - 1) / kRows;
+  auto load_means = [&](int ct, int st) {
+    const int c0 = ct * kRows;
+    load_tile<T, D, kRows>(sK + st * kRows * D, gKb + c0 * mst, mst, n_cmp - c0, D, X.kbar, tid);
+    load_tile<T, D, kRows>(sV + st * kRows * D, gVb + c0 * mst, mst, n_cmp - c0, D, X.vbar, tid);
+  };
+  if (n_ct > 0) load_means(0, 0);
+  mma::cp_async_commit();
+  for (int ct = 0; ct < n_ct; ++ct) {
+    if (ct + 1 < n_ct) {
+      load_means(ct + 1, (ct + 1) & 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int st = ct & 1, c0 = ct * kRows;
+    float s[kRows / 8][4];
+    zero(s);
+    gemm_abt<T, D, kRows / 8>(s, sQ, w * 16, sK + st * kRows * D, 0, lane);
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = q0 + w * 16 + frag_row(lane, e), c = c0 + frag_col(lane, j, e);
+        const float x = alpha * s[j][e];
+        s[j][e] = (c + 1) * bs <= t + 1 ? x * sigmoid_t<T>(x) * inv_n * gc[e >> 1] : 0.f;
+      }
+    }
+    gemm_pb<T, D, kRows / 8>(o, s, sV + st * kRows * D, 0, wscratch, lane);
+    __syncthreads();
+  }
+
+  // 2. selected + window: the key tiles of the bitmap, in increasing order.
+  auto load_kv = [&](int kt, int st) {
+    const int k0 = kt * kRows;
+    load_tile<T, D, kRows>(sK + st * kRows * D, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
+    load_tile<T, D, kRows>(sV + st * kRows * D, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
+  };
+  int cur = next_bit(bits, words, 0);
+  if (cur >= 0) load_kv(cur, 0);
+  mma::cp_async_commit();
+  for (int i = 0; cur >= 0; ++i) {
+    const int nxt = next_bit(bits, words, cur + 1);
+    if (nxt >= 0) {
+      load_kv(nxt, (i + 1) & 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    const int st = i & 1, k0 = cur * kRows;
+    build_mult(p, start, h, len, q0, k0, kRows, mult, tid);
+    __syncthreads();
+    float s[kRows / 8][4];
+    zero(s);
+    gemm_abt<T, D, kRows / 8>(s, sQ, w * 16, sK + st * kRows * D, 0, lane);
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = w * 16 + frag_row(lane, e), t = q0 + r, kc = frag_col(lane, j, e), kj = k0 + kc;
+        const float x = alpha * s[j][e];
+        float c = 0.f;
+        if (kj <= t && t < len) {
+          c = gs[e >> 1] * static_cast<float>(mult[r * kRows + kc]);
+          if (kj > t - wnd) c += gw[e >> 1];
+          if (has_mask && c != 0.f) c *= mask_at(p, b, t, kj);
+        }
+        s[j][e] = x * sigmoid_t<T>(x) * inv_n * c;
+      }
+    }
+    gemm_pb<T, D, kRows / 8>(o, s, sV + st * kRows * D, 0, wscratch, lane);
+    __syncthreads();
+    cur = nxt;
+  }
+
+  mma::cp_async_wait<0>();  // nothing may be in flight at exit (a tile with no key tiles)
+  // out = u * o
+  const int dv = static_cast<int>(p.dim_v);
+  T* out = static_cast<T*>(p.out.ptr) + (start + q0) * p.out.st + h * dv * p.out.sc;
+  const T* u = p.u.ptr ? static_cast<const T*>(p.u.ptr) + (start + q0) * p.u.st + h * dv * p.u.sc : nullptr;
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = w * 16 + frag_row(lane, e), c = frag_col(lane, dt, e);
+      if (q0 + r < len && c < dv) {
+        const float uu = u ? static_cast<float>(u[r * p.u.st + c * p.u.sc]) : 1.f;
+        out[r * p.out.st + c * p.out.sc] = static_cast<T>(uu * o[dt][e]);
+      }
+    }
+  }
+}
+
+// Runs the forward into p.out (u from p.u, absent = 1); the backward calls it without u for
+// the gated attention a(t) it needs for du.
+void launch_bsa_fwd(const HstuParams& p, const BsaOperands& X, at::ScalarType dtype, int D, cudaStream_t stream) {
+  const int n_tiles = static_cast<int>((p.max_len + kRows - 1) / kRows);
+  const int words = (n_tiles + 31) / 32;
+  dispatch_hstu(dtype, D, [&](auto tv, auto dv) {
+    using T = decltype(tv);
+    constexpr int kD = decltype(dv)::value;
+    const size_t smem = bsa_fwd_smem<T, kD>(words);
+    TORCH_CHECK(smem <= 227 * 1024, msg("hstu_bsa_fwd: sequences too long for the CUDA kernel's tile bitmap (",
+                                        p.max_len, " rows)"));
+    set_smem(bsa_fwd_kernel<T, kD>, smem);
+    bsa_fwd_kernel<T, kD><<<dim3(static_cast<unsigned>(p.batch * p.heads), n_tiles), kThreads, smem, stream>>>(
+        p, X, n_tiles, words);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+namespace {
+
+at::Tensor bsa_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& u, const at::Tensor& gates, const at::Tensor& block_idx,
+                        const at::Tensor& x_offsets, int64_t n, int64_t num_heads, double alpha, int64_t block_size,
+                        int64_t window_size, const c10::optional<at::Tensor>& attn_mask) {
+  BsaFwdArgs r = prepare_bsa_fwd(q, k, v, u, gates, block_idx, x_offsets, n, num_heads, alpha, block_size,
+                                 window_size, attn_mask);
+  HstuParams& p = r.p;
+  check_cuda_dims(p);
+  check_cuda_bsa(p);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (p.total == 0 || p.batch == 0 || p.dim_v == 0) return r.out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  BsaInputs in(p, q, k, v, r.offsets, stream);
+  launch_bsa_fwd(p, in.X, q.scalar_type(), in.D, stream);
+  return r.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssm_ext, CUDA, m) { m.impl("hstu_bsa_fwd", &bsa_fwd_cuda); }
+
+}  // namespace hstu_bsa
+}  // namespace ssm_ext

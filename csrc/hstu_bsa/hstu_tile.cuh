@@ -1,0 +1,467 @@
+// Tile machinery shared by the HSTU CUDA kernels (dense and block-sparse).
+//
+// A CTA of kWarps warps owns a tile of "row" vectors (queries in the forward and dq passes,
+// keys in the dk/dv passes), 16 rows per warp, and walks tiles of "column" vectors staged
+// in shared memory. Two warp-level products cover every kernel:
+//   gemm_abt: acc (16 x 8NT)  += A (16 rows of a smem tile) . B (8NT rows of a smem tile)^T   over D
+//   gemm_pb:  out (16 x D)    += P (16 x 8NK, in accumulator fragments) . B (8NK rows, D wide)
+// For fp16 / bf16 they are ldmatrix + mma.sync.m16n8k16 (fp32 accumulate); for fp32 they are
+// FFMA loops (fp32 accuracy) that give every thread the same fragment elements, so all the
+// element-wise code (scores, masks, gates, stores) is shared by both paths.
+//
+// Shared tiles are [rows][D] with 16-byte chunks XOR-swizzled by row (ldmatrix reads 8 rows of
+// one logical chunk: the swizzle puts them in 8 different bank groups). Global rows are
+// staged by cp.async with zero fill: rows past the sequence and columns past the head width
+// read as 0, and silu(0) = 0, so padded keys and columns add nothing.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
+#include "common/load.h"
+#include "common/mma.cuh"
+#include "hstu_bsa/hstu_bsa.h"
+
+namespace ssm_ext {
+namespace hstu_bsa {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = kWarps * 16;  // row tile of every kernel: 64
+
+// ---------------------------------------------------------------- global operands
+
+// One jagged (T, H * d) input as the kernels read it: element (row r, head h, column c) at
+// ptr[r * st + h * hs + c], columns contiguous, 16-byte aligned rows; columns >= cols are 0.
+struct Operand {
+  const void* ptr = nullptr;
+  int64_t st = 0, hs = 0;
+  int cols = 0;
+};
+
+// Head width padded for the kernels: 32, 64 or 128.
+inline int padded_dim(int64_t d) { return d <= 32 ? 32 : d <= 64 ? 64 : 128; }
+constexpr int64_t kMaxDim = 128;
+
+// x (T, H*d) as an Operand: in place when its columns are contiguous and rows 16-byte aligned,
+// else a zero-padded contiguous copy (T, H*dpad) held in `keep`.
+inline Operand make_operand(const at::Tensor& x, int64_t heads, int64_t d, at::Tensor& keep) {
+  const int64_t e = 16 / x.element_size();
+  Operand o;
+  if (x.stride(1) == 1 && d % e == 0 && x.stride(0) % e == 0 && aligned16(x.data_ptr())) {
+    o.ptr = x.data_ptr();
+    o.st = x.stride(0);
+    o.hs = d;
+    o.cols = static_cast<int>(d);
+    return o;
+  }
+  const int64_t dpad = (d + e - 1) / e * e;
+  keep = at::zeros({x.size(0), heads * dpad}, x.options());
+  keep.view({x.size(0), heads, dpad}).narrow(2, 0, d).copy_(x.unflatten(1, {heads, d}));
+  o.ptr = keep.data_ptr();
+  o.st = heads * dpad;
+  o.hs = dpad;
+  o.cols = static_cast<int>(dpad);
+  return o;
+}
+
+inline void check_cuda_dims(const HstuParams& p) {
+  TORCH_CHECK(p.dim_qk <= kMaxDim && p.dim_v <= kMaxDim,
+              msg("HSTU attention on CUDA supports per-head widths up to ", kMaxDim, " (attention_dim = ",
+                  p.dim_qk, ", linear_dim = ", p.dim_v, "); use the CPU for wider heads"));
+}
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for q's dtype and the padded head width.
+template <typename F>
+void dispatch_hstu(at::ScalarType t, int dim, F&& f) {
+  auto with_dim = [&](auto tv) {
+    switch (dim) {
+      case 32: f(tv, std::integral_constant<int, 32>{}); break;
+      case 64: f(tv, std::integral_constant<int, 64>{}); break;
+      default: f(tv, std::integral_constant<int, 128>{}); break;
+    }
+  };
+  switch (t) {
+    case at::kFloat: with_dim(float{}); break;
+    case at::kHalf: with_dim(c10::Half{}); break;
+    case at::kBFloat16: with_dim(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, msg("q must be float32, float16 or bfloat16 on CUDA, got ", t));
+  }
+}
+
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// ---------------------------------------------------------------- shared tiles
+
+template <typename T, int D>
+struct Tile {
+  static constexpr int kE = 16 / sizeof(T);  // elements per 16-byte chunk
+  static constexpr int kC = D / kE;          // chunks per row: 4 .. 32
+  static_assert(kC >= 4, "rows of at least 64 bytes");
+  __device__ __forceinline__ static int swz(int r) { return kC >= 8 ? (r & 7) : ((r >> 1) & 3); }
+  // Offset (elements) of chunk c of row r, and of element k of row r.
+  __device__ __forceinline__ static int off(int r, int c) { return r * D + ((c ^ swz(r)) * kE); }
+  __device__ __forceinline__ static int elem(int r, int k) { return off(r, k / kE) + k % kE; }
+};
+
+// Stages rows [0, ROWS) of g (row stride st elements) into the tile s; rows >= nrows and
+// columns >= cols are zero-filled. `safe` is any mapped address (for the zero-fill copies).
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t st, int nrows, int cols, const void* safe,
+                                          int tid) {
+  using L = Tile<T, D>;
+  constexpr int kTotal = ROWS * L::kC;
+#pragma unroll 4
+  for (int i = tid; i < kTotal; i += kThreads) {
+    const int r = i / L::kC, c = i % L::kC;
+    const bool ok = r < nrows && c * L::kE < cols;
+    mma::cp_async16(s + L::off(r, c), ok ? static_cast<const void*>(g + r * st + c * L::kE) : safe, ok);
+  }
+}
+
+// ---------------------------------------------------------------- warp products
+
+template <typename T>
+constexpr bool kTensorCores = !std::is_same_v<T, float>;
+
+// acc[j][e] += sum_k A[a0 + row(e)][k] * B[b0 + 8j + col(e)][k], k < D.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const T* sA, int a0, const T* sB, int b0, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      mma::ldmatrix_x4(a, sA + L::off(a0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+        mma::mma16816<T>(acc[j], a, b[0], b[1]);
+        mma::mma16816<T>(acc[j + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < D; k += 4) {
+      const float4 x0 = *reinterpret_cast<const float4*>(sA + L::elem(a0 + g, k));
+      const float4 x1 = *reinterpret_cast<const float4*>(sA + L::elem(a0 + g + 8, k));
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const float4 y0 = *reinterpret_cast<const float4*>(sB + L::elem(b0 + 8 * j + 2 * q, k));
+        const float4 y1 = *reinterpret_cast<const float4*>(sB + L::elem(b0 + 8 * j + 2 * q + 1, k));
+        acc[j][0] += x0.x * y0.x + x0.y * y0.y + x0.z * y0.z + x0.w * y0.w;
+        acc[j][1] += x0.x * y1.x + x0.y * y1.y + x0.z * y1.z + x0.w * y1.w;
+        acc[j][2] += x1.x * y0.x + x1.y * y0.y + x1.z * y0.z + x1.w * y0.w;
+        acc[j][3] += x1.x * y1.x + x1.y * y1.y + x1.z * y1.z + x1.w * y1.w;
+      }
+    }
+  }
+}
+
+// out[dt][e] += sum_kk P[row(e)][kk] * B[b0 + kk][8dt + col(e)], kk < 8NK. The fp32 path goes
+// through `scratch`, this warp's 16 x 8NK floats of shared memory.
+template <typename T, int D, int NK>
+__device__ __forceinline__ void gemm_pb(float (&out)[D / 8][4], const float (&P)[NK][4], const T* sB, int b0,
+                                        float* scratch, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NK % 2 == 0, "16-wide k steps");
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      const uint32_t a[4] = {mma::pack2<T>(P[2 * kk][0], P[2 * kk][1]), mma::pack2<T>(P[2 * kk][2], P[2 * kk][3]),
+                             mma::pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]),
+                             mma::pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
+        mma::mma16816<T>(out[dt], a, b[0], b[1]);
+        mma::mma16816<T>(out[dt + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    constexpr int W = 8 * NK + 4;  // padded scratch row
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NK; ++j) {
+      scratch[g * W + 8 * j + 2 * q] = P[j][0];
+      scratch[g * W + 8 * j + 2 * q + 1] = P[j][1];
+      scratch[(g + 8) * W + 8 * j + 2 * q] = P[j][2];
+      scratch[(g + 8) * W + 8 * j + 2 * q + 1] = P[j][3];
+    }
+    __syncwarp();
+#pragma unroll 2
+    for (int kk = 0; kk < 8 * NK; ++kk) {
+      const float p0 = scratch[g * W + kk], p1 = scratch[(g + 8) * W + kk];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const float2 y = *reinterpret_cast<const float2*>(sB + L::elem(b0 + kk, 8 * dt + 2 * q));
+        out[dt][0] += p0 * y.x;
+        out[dt][1] += p0 * y.y;
+        out[dt][2] += p1 * y.x;
+        out[dt][3] += p1 * y.y;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// The same two products for MT 16-row tiles per warp (rows a0 + 16 mt): every B fragment read
+// from shared memory feeds MT tensor-core ops, halving the ldmatrix traffic per MMA at MT = 2.
+// The fp32 path runs the single-tile product per tile.
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void gemm_abt_mt(float (&acc)[MT][NT][4], const T* sA, int a0, const T* sB, int b0,
+                                            int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        mma::ldmatrix_x4(a[mt], sA + L::off(a0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma::mma16816<T>(acc[mt][j], a[mt], b[0], b[1]);
+          mma::mma16816<T>(acc[mt][j + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) gemm_abt<T, D, NT>(acc[mt], sA, a0 + mt * 16, sB, b0, lane);
+  }
+}
+
+template <typename T, int D, int NK, int MT>
+__device__ __forceinline__ void gemm_pb_mt(float (&out)[MT][D / 8][4], const float (&P)[MT][NK][4], const T* sB,
+                                           int b0, float* scratch, int lane) {
+  using L = Tile<T, D>;
+  if constexpr (kTensorCores<T>) {
+    static_assert(NK % 2 == 0, "16-wide k steps");
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = mma::pack2<T>(P[mt][2 * kk][0], P[mt][2 * kk][1]);
+        a[mt][1] = mma::pack2<T>(P[mt][2 * kk][2], P[mt][2 * kk][3]);
+        a[mt][2] = mma::pack2<T>(P[mt][2 * kk + 1][0], P[mt][2 * kk + 1][1]);
+        a[mt][3] = mma::pack2<T>(P[mt][2 * kk + 1][2], P[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t b[4];
+        const int mi = lane >> 3;
+        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma::mma16816<T>(out[mt][dt], a[mt], b[0], b[1]);
+          mma::mma16816<T>(out[mt][dt + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) gemm_pb<T, D, NK>(out[mt], P[mt], sB, b0, scratch, lane);
+  }
+}
+
+// Floats of fp32 scratch per warp for gemm_pb with NK column groups (0 on tensor cores).
+template <typename T, int NK>
+constexpr int scratch_floats() {
+  return kTensorCores<T> ? 0 : 16 * (8 * NK + 4);
+}
+
+// ---------------------------------------------------------------- element-wise
+
+// silu(x) = x * sig and sig = sigmoid(x). fp32 inputs: exp (ex2.approx, ~2^-22) and a
+// division; fp16 / bf16: one tanh.approx, sig = (1 + tanh(x / 2)) / 2.
+template <typename T>
+__device__ __forceinline__ float sigmoid_t(float x) {
+  if constexpr (kTensorCores<T>) return fmaf(0.5f, mma::tanh_approx(0.5f * x), 0.5f);
+  else return 1.f / (1.f + __expf(-x));
+}
+
+// Fragment coordinates: element e of 8-column tile j of warp w's 16 rows.
+__device__ __forceinline__ int frag_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int frag_col(int lane, int j, int e) { return 8 * j + 2 * (lane & 3) + (e & 1); }
+
+// mask(t, j) of sequence b; 1 when absent.
+__device__ __forceinline__ float mask_at(const HstuParams& p, int64_t b, int64_t t, int64_t j) {
+  if (!p.mask.ptr) return 1.f;
+  const int64_t mb = p.mask_batch == 1 ? 0 : b;
+  return load_as<float>(p.mask.ptr, p.mask_dtype, mb * p.mask.s0 + t * p.mask.s1 + j * p.mask.s2);
+}
+
+// Writes scale * o (16 rows of this warp, r0 = the warp's first row within the tile) to the
+// head's columns of m: rows >= nrows and columns >= cols are skipped. base = element (tile row
+// 0, head column 0).
+template <typename T, int D>
+__device__ __forceinline__ void store_frag(const float (&o)[D / 8][4], T* base, const Mat& m, int r0, int nrows,
+                                           int cols, float scale, int lane) {
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = r0 + frag_row(lane, e), c = frag_col(lane, dt, e);
+      if (r < nrows && c < cols) base[r * m.st + c * m.sc] = T(o[dt][e] * scale);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
+}
+
+// ---------------------------------------------------------------- block means (kbar, vbar)
+
+// Complete blocks per sequence, as prefix sums: cblk[b] = sum_{b' < b} len_b' / block_size
+// (B + 1 entries, int64, on the device; no host sync).
+inline at::Tensor block_offsets(const at::Tensor& offsets, int64_t block_size) {
+  const at::Tensor nb = at::floor_divide(offsets.narrow(0, 1, offsets.size(0) - 1) - offsets.narrow(0, 0, offsets.size(0) - 1),
+                                         block_size);
+  return at::cat({at::zeros({1}, offsets.options()), at::cumsum(nb, 0)});
+}
+
+constexpr int kMeanBlocks = 8;  // blocks per CTA of the means kernel (16 threads each)
+
+// hi[(cblk[b] + c, h, i)] = mean over block c of sequence b of x's head h column i (fp32 sum),
+// rounded to T; lo (fp16 / bf16 only, may be null) gets the rounding remainder, so hi + lo
+// carries the mean to about 16 bits more. Columns i in [d, dpad) are 0.
+template <typename T>
+__global__ void __launch_bounds__(128) block_means_kernel(const HstuParams p, const Mat x, int64_t d,
+                                                          const int64_t* cblk, T* hi, T* lo, int dpad) {
+  const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+  const int64_t start = p.offsets[b];
+  const int64_t nb = (p.offsets[b + 1] - start) / p.block_size;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kMeanBlocks + threadIdx.x / 16;
+  if (c >= nb) return;
+  const T* src = static_cast<const T*>(x.ptr);
+  const int64_t row0 = start + c * p.block_size;
+  const int64_t out0 = ((cblk[b] + c) * p.heads + h) * dpad;
+  const float inv = 1.f / static_cast<float>(p.block_size);
+  for (int i = threadIdx.x % 16; i < dpad; i += 16) {
+    float s = 0.f;
+    if (i < d) {
+      const T* col = src + (h * d + i) * x.sc;
+      for (int64_t j = 0; j < p.block_size; ++j) s += static_cast<float>(col[(row0 + j) * x.st]);
+    }
+    const float m = s * inv;
+    const T mh = static_cast<T>(m);
+    hi[out0 + i] = mh;
+    if (lo) lo[out0 + i] = static_cast<T>(m - static_cast<float>(mh));
+  }
+}
+
+// Means of x (T, H*d) over the complete blocks: (total blocks, H, dpad) in x's dtype (hi), and
+// the remainders (lo) when want_lo and x is fp16 / bf16 (else lo stays undefined).
+inline void block_means(const HstuParams& p, const at::Tensor& x, int64_t d, const at::Tensor& cblk, int dpad,
+                        bool want_lo, at::Tensor& hi, at::Tensor& lo, cudaStream_t stream) {
+  const int64_t rows = p.total / p.block_size + 1;
+  hi = at::empty({rows, p.heads, dpad}, x.options());
+  const bool with_lo = want_lo && x.scalar_type() != at::kFloat;
+  if (with_lo) lo = at::empty({rows, p.heads, dpad}, x.options());
+  const int64_t max_nb = p.max_len / p.block_size;
+  if (max_nb == 0) return;
+  TORCH_CHECK((max_nb + kMeanBlocks - 1) / kMeanBlocks <= 65535, "too many blocks per sequence for CUDA");
+  Mat m;
+  m.ptr = x.data_ptr();
+  m.st = x.stride(0);
+  m.sc = x.stride(1);
+  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>((max_nb + kMeanBlocks - 1) / kMeanBlocks));
+  dispatch_io_dtype(x.scalar_type(), "x", [&](auto tv) {
+    using T = decltype(tv);
+    block_means_kernel<T><<<grid, 128, 0, stream>>>(p, m, d, cblk.data_ptr<int64_t>(), static_cast<T*>(hi.data_ptr()),
+                                                    with_lo ? static_cast<T*>(lo.data_ptr()) : nullptr, dpad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------- block-sparse tile sets
+
+// Key tiles (of kRows keys) a query tile needs for the selected and window branches, as a
+// bitmap over the sequence's key tiles: the tiles of every valid selected block of its rows
+// (keys <= t) and the window band. Bit setting is an OR, so the result is order-free.
+__device__ __forceinline__ void build_key_tiles(const HstuParams& p, int64_t start, int64_t h, int len, int q0,
+                                                uint32_t* bits, int words, int tid) {
+  for (int i = tid; i < words; i += kThreads) bits[i] = 0u;
+  __syncthreads();
+  const int last = min(len, q0 + kRows) - 1;
+  if (tid < kRows && q0 + tid < len) {
+    const int64_t t = q0 + tid;
+    const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
+    for (int64_t s = 0; s < p.block_counts; ++s) {
+      const int64_t c = idx[s * p.block_idx.s2];
+      if (c < 0 || c * p.block_size > t) continue;
+      const int64_t a = c * p.block_size / kRows, z = min((c + 1) * p.block_size - 1, t) / kRows;
+      for (int64_t kt = a; kt <= z; ++kt) atomicOr(&bits[kt >> 5], 1u << (kt & 31));
+    }
+  }
+  if (p.window_size > 0) {
+    const int a = static_cast<int>(max(int64_t(0), q0 - p.window_size + 1) / kRows), z = last / kRows;
+    for (int kt = a + tid; kt <= z; kt += kThreads) atomicOr(&bits[kt >> 5], 1u << (kt & 31));
+  }
+  __syncthreads();
+}
+
+// The first set bit at or after `from`, or -1.
+__device__ __forceinline__ int next_bit(const uint32_t* bits, int words, int from) {
+  int wd = from >> 5;
+  if (wd >= words) return -1;
+  uint32_t m = bits[wd] & (~0u << (from & 31));
+  while (true) {
+    if (m) return wd * 32 + __ffs(m) - 1;
+    if (++wd >= words) return -1;
+    m = bits[wd];
+  }
+}
+
+// mult[r * kRows + (j - k0)] = how often query row t = t0 + r lists the block of key j
+// (k0 <= j < k0 + kRows, j <= t), for rows r < nrows (one thread per row). Rows past the
+// sequence get 0.
+__device__ __forceinline__ void build_mult(const HstuParams& p, int64_t start, int64_t h, int len, int t0, int k0,
+                                           int nrows, uint16_t* mult, int tid) {
+  if (tid >= nrows) return;
+  uint16_t* row = mult + tid * kRows;
+  for (int i = 0; i < kRows; ++i) row[i] = 0;
+  const int64_t t = t0 + tid;
+  if (t >= len) return;
+  const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
+  const int64_t kz = min(t, int64_t(k0 + kRows - 1));
+  for (int64_t s = 0; s < p.block_counts; ++s) {
+    const int64_t c = idx[s * p.block_idx.s2];
+    if (c < 0) continue;
+    const int64_t a = max(c * p.block_size, int64_t(k0)), z = min((c + 1) * p.block_size - 1, kz);
+    for (int64_t j = a; j <= z; ++j) ++row[j - k0];
+  }
+}
+
+__device__ __forceinline__ float gate_at(const HstuParams& p, const Mat3& g, int64_t row, int64_t h, int br) {
+  return load_as<float>(g.ptr, p.gates_dtype, row * g.s0 + h * g.s1 + br * g.s2);
+}
+
+}  // namespace hstu_bsa
+}  // namespace ssm_ext
