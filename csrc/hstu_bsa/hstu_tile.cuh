@@ -405,12 +405,13 @@ inline void block_means(const HstuParams& p, const at::Tensor& x, int64_t d, con
 // Key tiles (of kRows keys) a query tile needs for the selected and window branches, as a
 // bitmap over the sequence's key tiles: the tiles of every valid selected block of its rows
 // (keys <= t) and the window band. Bit setting is an OR, so the result is order-free.
+// nq (<= kThreads) is the query tile's row count.
 __device__ __forceinline__ void build_key_tiles(const HstuParams& p, int64_t start, int64_t h, int len, int q0,
-                                                uint32_t* bits, int words, int tid) {
+                                                int nq, uint32_t* bits, int words, int tid) {
   for (int i = tid; i < words; i += kThreads) bits[i] = 0u;
   __syncthreads();
-  const int last = min(len, q0 + kRows) - 1;
-  if (tid < kRows && q0 + tid < len) {
+  const int last = min(len, q0 + nq) - 1;
+  if (tid < nq && q0 + tid < len) {
     const int64_t t = q0 + tid;
     const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
     for (int64_t s = 0; s < p.block_counts; ++s) {
