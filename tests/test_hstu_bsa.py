@@ -513,6 +513,27 @@ def test_bsa_duplicate_and_invalid_indices(device):
         assert_rel(g, rg, 1e-5, f"{name} (hand-made block_idx)")
 
 
+def test_bsa_counts_past_255(device):
+    """A block listed more than 255 times for one query (block_counts 260): the CUDA forward's
+    multiplicity tile switches from 1-byte to 2-byte counts."""
+    lens, n, bs, heads, S = [70, 3], 70, 16, 1, 260
+    q, k, v, u, gates, off = _inputs(lens, F32, device, heads, 32, 32)
+    T = sum(lens)
+    idx = torch.full((T, heads, S), -1, device=device, dtype=torch.int32)
+    idx[:, :, :256] = 0
+    idx[:, :, 256:] = torch.randint(0, 5, (T, heads, S - 256), device=device, dtype=torch.int32)
+    leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+    out = ops.hstu_bsa_fwd(*leaves, idx, off, n, heads, 0.3, bs, 0, None)
+    refs = [_cpu(t).double().requires_grad_() for t in (q, k, v, u, gates)]
+    r, _ = ref.hstu_bsa(*refs, _cpu(off), n, heads, bs, S, 0, alpha=0.3, block_idx=_cpu(idx))
+    assert_rel(out, r, 1e-4, "out (block listed 256+ times)")
+    dout = torch.randn_like(out)
+    for name, g, rg in zip(["dq", "dk", "dv", "du", "dgates"], torch.autograd.grad(out, leaves, dout),
+                           torch.autograd.grad(r, refs, _cpu(dout).double())):
+        # the CPU kernel adds the 256 copies one by one in fp32: 1e-4
+        assert_rel(g, rg, 1e-4, f"{name} (block listed 256+ times)")
+
+
 def test_bsa_tiles_deterministic(device):
     q, k, v, u, gates, off = _inputs(TILE_LENS, BF16, device, 2, 64, 64)
     idx = ops.hstu_bsa_topk(q, k, off, 150, 2, 0.125, 16, 4)

@@ -27,10 +27,12 @@ constexpr int kMT = kTensorCores<T> ? 2 : 1;
 template <typename T>
 constexpr int kBM = kWarps * 16 * kMT<T>;
 
+// The multiplicity tile takes 1 byte a count when block_counts <= 255 (wide = false), else 2:
+// at bf16 D = 128 the 1-byte tile keeps two CTAs per SM.
 template <typename T, int D>
-constexpr size_t bsa_fwd_smem(int words) {
+constexpr size_t bsa_fwd_smem(int words, bool wide) {
   return size_t(kBM<T> + 4 * kRows) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kRows / 8>() * 4 +
-         size_t(kBM<T>) * 3 * 4 + size_t(kBM<T>) * kRows * 2 + size_t(words) * 4;
+         size_t(kBM<T>) * 3 * 4 + size_t(kBM<T>) * kRows * (wide ? 2 : 1) + size_t(words) * 4;
 }
 
 template <typename T, int D>
@@ -44,8 +46,10 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
   T* sV = sK + 2 * kRows * D;   // 2 stages
   float* scratch = reinterpret_cast<float*>(sV + 2 * kRows * D);
   float* sgate = scratch + kWarps * scratch_floats<T, kRows / 8>();  // [BM][3]: g_cmp, g_slc, g_swa
-  uint16_t* mult = reinterpret_cast<uint16_t*>(sgate + BM * 3);      // [BM][kRows]
-  uint32_t* bits = reinterpret_cast<uint32_t*>(mult + BM * kRows);
+  const bool wide = p.block_counts > 255;
+  uint8_t* mult8 = reinterpret_cast<uint8_t*>(sgate + BM * 3);        // [BM][kRows], 1 or 2 bytes
+  uint16_t* mult16 = reinterpret_cast<uint16_t*>(mult8);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(mult8 + BM * kRows * (wide ? 2 : 1));
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int64_t start = p.offsets[b];
@@ -139,7 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
       mma::cp_async_wait<0>();
     }
     const int st = i & 1, k0 = cur * kRows;
-    build_mult(p, start, h, len, q0, k0, BM, mult, tid);
+    if (wide) build_mult(p, start, h, len, q0, k0, BM, mult16, tid);
+    else build_mult(p, start, h, len, q0, k0, BM, mult8, tid);
     __syncthreads();
     if (k0 <= q0 + r0 + 16 * MT - 1) {  // else every key of the tile is after the warp's rows
       float s[MT][kRows / 8][4];
@@ -156,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
             const float x = alpha * s[mt][j][e];
             float c = 0.f;
             if (kj <= t && t < len) {
-              c = sgate[r * 3 + 1] * static_cast<float>(mult[r * kRows + kc]);
+              const int mi = r * kRows + kc;
+              c = sgate[r * 3 + 1] * static_cast<float>(wide ? mult16[mi] : mult8[mi]);
               if (kj > t - wnd) c += sgate[r * 3 + 2];
               if (has_mask && c != 0.f) c *= mask_at(p, b, t, kj);
             }
@@ -201,7 +207,7 @@ void launch_bsa_fwd(const HstuParams& p, const BsaOperands& X, at::ScalarType dt
     constexpr int kD = decltype(dv)::value;
     const int n_qt = static_cast<int>((p.max_len + kBM<T> - 1) / kBM<T>);
     TORCH_CHECK(n_qt <= 65535, msg("sequences up to ", 65535 * kBM<T>, " rows on CUDA, got ", p.max_len));
-    const size_t smem = bsa_fwd_smem<T, kD>(words);
+    const size_t smem = bsa_fwd_smem<T, kD>(words, p.block_counts > 255);
     TORCH_CHECK(smem <= 227 * 1024, msg("hstu_bsa_fwd: sequences too long for the CUDA kernel's tile bitmap (",
                                         p.max_len, " rows)"));
     set_smem(bsa_fwd_kernel<T, kD>, smem);

@@ -443,10 +443,12 @@ __device__ __forceinline__ int next_bit(const uint32_t* bits, int words, int fro
 // mult[r * kRows + (j - k0)] = how often query row t = t0 + r lists the block of key j
 // (k0 <= j < k0 + kRows, j <= t), for rows r < nrows (one thread per row). Rows past the
 // sequence get 0.
+// M = uint16_t, or uint8_t when block_counts <= 255 (a count never exceeds block_counts).
+template <typename M>
 __device__ __forceinline__ void build_mult(const HstuParams& p, int64_t start, int64_t h, int len, int t0, int k0,
-                                           int nrows, uint16_t* mult, int tid) {
+                                           int nrows, M* mult, int tid) {
   if (tid >= nrows) return;
-  uint16_t* row = mult + tid * kRows;
+  M* row = mult + tid * kRows;
   for (int i = 0; i < kRows; ++i) row[i] = 0;
   const int64_t t = t0 + tid;
   if (t >= len) return;
