@@ -95,8 +95,16 @@ void dispatch_hstu(at::ScalarType t, int dim, F&& f) {
   }
 }
 
+// Opts the kernel in to `bytes` of dynamic shared memory, with a clear error where the device
+// has less (the fp32 tiles at head widths > 64 need Hopper's 227 KB; A100 has 163 KB, Ada 99 KB).
 template <typename K>
 void set_smem(K kernel, size_t bytes) {
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= static_cast<size_t>(optin),
+              msg("HSTU attention CUDA kernel: needs ", bytes, " bytes of shared memory per block, this GPU allows ",
+                  optin, "; use bf16 / fp16 inputs, narrower heads, or the CPU"));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
