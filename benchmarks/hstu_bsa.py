@@ -8,7 +8,9 @@ Rows
 - hstu_bsa: the public triton_hstu_attention_with_bsa (top-k selection + block-sparse attention,
   plus its padded_q / padded_k copies), block_size 64, block_counts 16, window 512, gates as a
   tensor, against the public dense hstu_attention on the same inputs (the "ssm_ext_dense"
-  column: dense time / sparse time, the speedup).
+  column: dense time / sparse time, the speedup), on random q, k ("random": neighbouring queries
+  select unrelated blocks) and on q, k with a shared slowly varying positional component
+  ("local": neighbouring queries select neighbouring blocks, as in sequence data).
 
 Floors (ALGORITHMS.md section 1): dense fwd 2 L^2 d FLOPs per (sequence, head) (QK^T and PV over
 the causal half), fwd+bwd 3.5x that; bytes q, k, v, out (fwd) and + dout, dq, dk, dv (fwd+bwd).
@@ -36,11 +38,25 @@ def _sdpa(t, B, L):
     return o.transpose(1, 2).reshape(B * L, H * D)
 
 
-def _make(B, L, dtype, device, with_u):
+def _positional(B, L, device):
+    """(B*L, H*D) slowly varying features of the position (frequencies 1/4096 .. 1/256 rad per
+    row): q_t . k_j is largest for nearby t, j. With it, a 128-query tile selects about 20
+    distinct blocks at block_size 64 and block_counts 16 (on random q, k: every earlier block)."""
+    pos = torch.arange(L, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.linspace(math.log(1 / 4096), math.log(1 / 256), D // 2, device=device))
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1).repeat(B, H)
+
+
+def _make(B, L, dtype, device, with_u, local=False):
     def make(mode):
         grad = mode == "fwd+bwd"
         T = B * L
-        t = {x: (torch.randn(T, H * D, device=device, dtype=dtype) * 0.5).requires_grad_(grad) for x in "qkv"}
+        t = {x: torch.randn(T, H * D, device=device) * 0.5 for x in "qkv"}
+        if local:  # neighbouring queries select neighbouring blocks (sequence data with locality)
+            code = _positional(B, L, device)
+            t["q"] += code
+            t["k"] += code
+        t = {x: y.to(dtype).requires_grad_(grad) for x, y in t.items()}
         if with_u:
             t["u"] = torch.randn(T, H * D, device=device, dtype=dtype).requires_grad_(grad)
             t["gates"] = torch.rand(T, H, 3, device=device, dtype=dtype).requires_grad_(grad)
@@ -80,7 +96,7 @@ def _sparse_pairs(L):
     return float((slc + torch.clamp(t + 1, max=WINDOW) + torch.floor((t + 1) / BS)).sum())
 
 
-def _sparse_case(B, L, dtype, device):
+def _sparse_case(B, L, dtype, device, local):
     from ssm_ext.hstu_bsa import hstu_attention, triton_hstu_attention_with_bsa
 
     def impls(mods):
@@ -99,11 +115,12 @@ def _sparse_case(B, L, dtype, device):
     small = B * L * H * (3 * s + 4 * COUNTS)  # gates, block_idx
     flops = 4.0 * D * _sparse_pairs(L) * B * H
     dt = str(dtype).removeprefix("torch.")
-    return {"op": "hstu_bsa", "label": f"B{B} H{H} L{L} d{D} bs{BS} k{COUNTS} w{WINDOW} {dt}",
+    data = "local" if local else "random"
+    return {"op": "hstu_bsa", "label": f"B{B} H{H} L{L} d{D} bs{BS} k{COUNTS} w{WINDOW} {dt} {data}",
             "params": {"batch": B, "heads": H, "seqlen": L, "dim": D, "dtype": dt, "block_size": BS,
-                       "block_counts": COUNTS, "window_size": WINDOW},
+                       "block_counts": COUNTS, "window_size": WINDOW, "data": data},
             "modes": {"fwd": (5 * tensor + small, flops), "fwd+bwd": (14 * tensor + 2 * small, 3.5 * flops)},
-            "peak_mem": ("fwd+bwd",), "make": _make(B, L, dtype, device, True), "impls": impls}
+            "peak_mem": ("fwd+bwd",), "make": _make(B, L, dtype, device, True, local), "impls": impls}
 
 
 def cases(device, quick):
@@ -113,4 +130,4 @@ def cases(device, quick):
     else:  # tiny sizes: they only smoke-test the runner
         lengths, B, dtype = [128], 2, torch.float32
     return ([_dense_case(B, L, dtype, device) for L in lengths]
-            + [_sparse_case(B, L, dtype, device) for L in lengths])
+            + [_sparse_case(B, L, dtype, device, local) for local in (False, True) for L in lengths])

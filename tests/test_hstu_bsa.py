@@ -513,6 +513,73 @@ def test_bsa_duplicate_and_invalid_indices(device):
         assert_rel(g, rg, 1e-5, f"{name} (hand-made block_idx)")
 
 
+def test_bsa_counts_past_255(device):
+    """A block listed more than 255 times for one query (block_counts 260): the CUDA forward's
+    multiplicity tile switches from 1-byte to 2-byte counts."""
+    lens, n, bs, heads, S = [70, 3], 70, 16, 1, 260
+    q, k, v, u, gates, off = _inputs(lens, F32, device, heads, 32, 32)
+    T = sum(lens)
+    idx = torch.full((T, heads, S), -1, device=device, dtype=torch.int32)
+    idx[:, :, :256] = 0
+    idx[:, :, 256:] = torch.randint(0, 5, (T, heads, S - 256), device=device, dtype=torch.int32)
+    leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+    out = ops.hstu_bsa_fwd(*leaves, idx, off, n, heads, 0.3, bs, 0, None)
+    refs = [_cpu(t).double().requires_grad_() for t in (q, k, v, u, gates)]
+    r, _ = ref.hstu_bsa(*refs, _cpu(off), n, heads, bs, S, 0, alpha=0.3, block_idx=_cpu(idx))
+    assert_rel(out, r, 1e-4, "out (block listed 256+ times)")
+    dout = torch.randn_like(out)
+    for name, g, rg in zip(["dq", "dk", "dv", "du", "dgates"], torch.autograd.grad(out, leaves, dout),
+                           torch.autograd.grad(r, refs, _cpu(dout).double())):
+        # the CPU kernel adds the 256 copies one by one in fp32: 1e-4
+        assert_rel(g, rg, 1e-4, f"{name} (block listed 256+ times)")
+
+
+def _cpu_op_grads(op, args, leaves_idx, dout):
+    """Output and gradients of op on CPU copies of args (leaves at positions leaves_idx)."""
+    cargs = [a.detach().cpu().requires_grad_() if i in leaves_idx and a is not None
+             else (a.cpu() if isinstance(a, torch.Tensor) else a) for i, a in enumerate(args)]
+    out = op(*cargs)
+    grads = torch.autograd.grad(out, [cargs[i] for i in leaves_idx if cargs[i] is not None], dout.cpu())
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_long_sequences_vs_cpu(device, dtype):
+    """Sequences of 2300 rows: more than 32 key tiles, so the CUDA tile bitmaps span several
+    words, and many pipelined tiles. Compared with the CPU op (itself checked against the
+    reference above) on the same block indices."""
+    if device == "cpu":
+        pytest.skip("compares the CUDA kernels with the CPU op")
+    lens, heads, d, bs, counts, window = [2300, 70], 2, 16, 16, 4, 100
+    n = max(lens)
+    q, k, v, u, gates, off = _inputs(lens, dtype, device, heads, d, d)
+    mask = _mask(len(lens), n, device)
+    alpha = 1 / math.sqrt(d)
+    idx = ops.hstu_bsa_topk(q, k, off, n, heads, alpha, bs, counts)
+    ridx = ops.hstu_bsa_topk(q.cpu(), k.cpu(), off.cpu(), n, heads, alpha, bs, counts)
+    diff = (_cpu(idx) != ridx).any(-1).float().mean().item()
+    assert diff < (1e-3 if dtype == F32 else 2e-2), f"{diff:.2%} of the selections differ from the CPU op's"
+    tol = tol_for(dtype)
+    for m in (None, mask):
+        leaves = [_leaf(t) for t in (q, k, v, u, gates)]
+        args = [*leaves, idx, off, n, heads, alpha, bs, window, m]
+        out = ops.hstu_bsa_fwd(*args)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dout)
+        rout, rgrads = _cpu_op_grads(ops.hstu_bsa_fwd, args, [0, 1, 2, 3, 4], dout)
+        assert_rel(out, rout.double(), tol, "bsa out vs CPU op")
+        for name, g, rg in zip(["dq", "dk", "dv", "du", "dgates"], grads, rgrads):
+            assert_rel(g, rg.double(), 2 * tol, f"bsa {name} vs CPU op")
+        leaves = [_leaf(t) for t in (q, k, v)]
+        args = [*leaves, off, n, heads, alpha, m]
+        out = ops.hstu_attn_fwd(*args)
+        grads = torch.autograd.grad(out, leaves, dout)
+        rout, rgrads = _cpu_op_grads(ops.hstu_attn_fwd, args, [0, 1, 2], dout)
+        assert_rel(out, rout.double(), tol, "dense out vs CPU op")
+        for name, g, rg in zip(["dq", "dk", "dv"], grads, rgrads):
+            assert_rel(g, rg.double(), 2 * tol, f"dense {name} vs CPU op")
+
+
 def test_bsa_tiles_deterministic(device):
     q, k, v, u, gates, off = _inputs(TILE_LENS, BF16, device, 2, 64, 64)
     idx = ops.hstu_bsa_topk(q, k, off, 150, 2, 0.125, 16, 4)

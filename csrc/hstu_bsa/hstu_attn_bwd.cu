@@ -4,7 +4,8 @@
 // dk/dv pass: a CTA owns 64 keys (K, V resident in shared memory) and walks the query tiles
 // from its diagonal to the end of the sequence, computing S^T = K Q^T and dP^T = V dO^T, so
 // w^T and dS^T are already the A operands of dV += w^T dO and dK += dS^T Q.
-// dq pass: a CTA owns 64 queries (Q, dO resident) and walks the key tiles up to its diagonal:
+// dq pass: a CTA owns 128 queries (2 row tiles per warp; 64 on the fp32 path), Q and dO
+// resident, and walks the 32-key tiles (64 on fp32) up to its diagonal:
 // S = Q K^T, dP = dO V^T, dQ += dS K. Each output element is summed by one thread in a fixed
 // order, so results are bitwise reproducible.
 #include <c10/cuda/CUDAGuard.h>
@@ -17,7 +18,14 @@ namespace ssm_ext {
 namespace hstu_bsa {
 namespace {
 
-constexpr int kBN = 64;  // keys per tile in the dq pass
+// dq pass: 2 row tiles per warp and 32-key tiles on the tensor cores (128 queries per CTA; dQ,
+// S and dP fit in registers), 1 row tile and 64-key tiles on the fp32 path.
+template <typename T>
+constexpr int kDqMT = kTensorCores<T> ? 2 : 1;
+template <typename T>
+constexpr int kDqBM = kWarps * 16 * kDqMT<T>;
+template <typename T>
+constexpr int kDqBN = kTensorCores<T> ? 32 : 64;
 
 // Query columns per tile in the dk/dv pass (32 at D = 128 keeps dK, dV, S, dP in registers).
 template <int D>
@@ -29,7 +37,7 @@ constexpr size_t dkdv_smem() {
 }
 template <typename T, int D>
 constexpr size_t dq_smem() {
-  return size_t(2 * kRows + 4 * kBN) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kBN / 8>() * 4;
+  return size_t(2 * kDqBM<T> + 4 * kDqBN<T>) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kDqBN<T> / 8>() * 4;
 }
 
 struct BwdOperands {
@@ -117,38 +125,41 @@ __global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dense_dq_kernel(const HstuParams p, const BwdOperands X, int n_tiles) {
+  constexpr int MT = kDqMT<T>, BM = kDqBM<T>, BN = kDqBN<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sO = sQ + kRows * D;
-  T* sK = sO + kRows * D;    // 2 stages
-  T* sV = sK + 2 * kBN * D;  // 2 stages
-  float* scratch = reinterpret_cast<float*>(sV + 2 * kBN * D);
+  T* sO = sQ + BM * D;
+  T* sK = sO + BM * D;      // 2 stages
+  T* sV = sK + 2 * BN * D;  // 2 stages
+  float* scratch = reinterpret_cast<float*>(sV + 2 * BN * D);
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int64_t start = p.offsets[b];
   const int len = static_cast<int>(p.offsets[b + 1] - start);
-  const int q0 = (n_tiles - 1 - static_cast<int>(blockIdx.y)) * kRows;
+  const int q0 = (n_tiles - 1 - static_cast<int>(blockIdx.y)) * BM;
   if (q0 >= len) return;
-  float* wscratch = scratch + w * scratch_floats<T, kBN / 8>();
+  float* wscratch = scratch + w * scratch_floats<T, BN / 8>();
+  const int r0 = w * 16 * MT;  // the warp's first row in the tile
   const T* gQ = static_cast<const T*>(X.q.ptr) + start * X.q.st + h * X.q.hs;
   const T* gK = static_cast<const T*>(X.k.ptr) + start * X.k.st + h * X.k.hs;
   const T* gV = static_cast<const T*>(X.v.ptr) + start * X.v.st + h * X.v.hs;
   const T* gO = static_cast<const T*>(X.dout.ptr) + start * X.dout.st + h * X.dout.hs;
-  load_tile<T, D, kRows>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
-  load_tile<T, D, kRows>(sO, gO + q0 * X.dout.st, X.dout.st, len - q0, X.dout.cols, X.dout.ptr, tid);
-  const int n_kt = (min(len, q0 + kRows) - 1) / kBN + 1;
+  load_tile<T, D, BM>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
+  load_tile<T, D, BM>(sO, gO + q0 * X.dout.st, X.dout.st, len - q0, X.dout.cols, X.dout.ptr, tid);
+  const int n_kt = (min(len, q0 + BM) - 1) / BN + 1;
   auto load_kv = [&](int it) {
-    const int k0 = it * kBN, st = it & 1;
-    load_tile<T, D, kBN>(sK + st * kBN * D, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
-    load_tile<T, D, kBN>(sV + st * kBN * D, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
+    const int k0 = it * BN, st = it & 1;
+    load_tile<T, D, BN>(sK + st * BN * D, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
+    load_tile<T, D, BN>(sV + st * BN * D, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
   };
   load_kv(0);
   mma::cp_async_commit();
 
   const float alpha = static_cast<float>(p.alpha), inv_n = 1.f / static_cast<float>(p.n);
   const bool has_mask = p.mask.ptr != nullptr;
-  float dq[D / 8][4];
-  zero(dq);
+  float dq[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero(dq[mt]);
   for (int it = 0; it < n_kt; ++it) {
     if (it + 1 < n_kt) {
       load_kv(it + 1);
@@ -158,33 +169,43 @@ __global__ void __launch_bounds__(kThreads) dense_dq_kernel(const HstuParams p, 
       mma::cp_async_wait<0>();
     }
     __syncthreads();
-    const int st = it & 1, k0 = it * kBN;
-    float s[kBN / 8][4], dp[kBN / 8][4];
-    zero(s);
-    zero(dp);
-    gemm_abt<T, D, kBN / 8>(s, sQ, w * 16, sK + st * kBN * D, 0, lane);
-    gemm_abt<T, D, kBN / 8>(dp, sO, w * 16, sV + st * kBN * D, 0, lane);
-    const bool diag = k0 + kBN - 1 > q0 + w * 16;
+    const int st = it & 1, k0 = it * BN;
+    if (k0 <= q0 + r0 + 16 * MT - 1) {  // else every key of the tile is after the warp's rows
+      float s[MT][BN / 8][4], dp[MT][BN / 8][4];
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = alpha * s[j][e];
-        const float sg = sigmoid_t<T>(x);
-        float m = inv_n;
-        if (diag || has_mask) {
-          const int t = q0 + w * 16 + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
-          if (kj > t || t >= len) m = 0.f;
-          else if (has_mask) m *= mask_at(p, b, t, kj);
-        }
-        dp[j][e] = alpha * dp[j][e] * m * sg * (1.f + x * (1.f - sg));
+      for (int mt = 0; mt < MT; ++mt) {
+        zero(s[mt]);
+        zero(dp[mt]);
       }
+      gemm_abt_mt<T, D, BN / 8, MT>(s, sQ, r0, sK + st * BN * D, 0, lane);
+      gemm_abt_mt<T, D, BN / 8, MT>(dp, sO, r0, sV + st * BN * D, 0, lane);
+      const bool diag = k0 + BN - 1 > q0 + r0;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float x = alpha * s[mt][j][e];
+            const float sg = sigmoid_t<T>(x);
+            float m = inv_n;
+            if (diag || has_mask) {
+              const int t = q0 + r0 + 16 * mt + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
+              if (kj > t || t >= len) m = 0.f;
+              else if (has_mask) m *= mask_at(p, b, t, kj);
+            }
+            dp[mt][j][e] = alpha * dp[mt][j][e] * m * sg * (1.f + x * (1.f - sg));
+          }
+        }
+      }
+      gemm_pb_mt<T, D, BN / 8, MT>(dq, dp, sK + st * BN * D, 0, wscratch, lane);
     }
-    gemm_pb<T, D, kBN / 8>(dq, dp, sK + st * kBN * D, 0, wscratch, lane);
     __syncthreads();
   }
   T* odq = static_cast<T*>(p.dq.ptr) + (start + q0) * p.dq.st + h * p.dim_qk * p.dq.sc;
-  store_frag<T, D>(dq, odq, p.dq, w * 16, len - q0, static_cast<int>(p.dim_qk), 1.f, lane);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    store_frag<T, D>(dq[mt], odq, p.dq, r0 + 16 * mt, len - q0, static_cast<int>(p.dim_qk), 1.f, lane);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -220,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(const at::Tensor& q
     dense_dkdv_kernel<T, kD><<<grid, kThreads, s1, stream>>>(p, X, n_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     set_smem(dense_dq_kernel<T, kD>, s2);
-    dense_dq_kernel<T, kD><<<grid, kThreads, s2, stream>>>(p, X, n_tiles);
+    const int n_qt = static_cast<int>((p.max_len + kDqBM<T> - 1) / kDqBM<T>);
+    dense_dq_kernel<T, kD><<<dim3(grid.x, n_qt), kThreads, s2, stream>>>(p, X, n_qt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {r.dq, r.dk, r.dv};

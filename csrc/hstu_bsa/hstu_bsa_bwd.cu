@@ -48,7 +48,7 @@ struct BwdBufs {
 // ---------------------------------------------------------------- 1. dq, dgates
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bsa_dq_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
+__global__ void __launch_bounds__(kThreads, 1) bsa_dq_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
                                                           int n_tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) bsa_dq_kernel(const HstuParams p, co
   load_tile<T, D, kRows>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
   load_tile<T, D, kRows>(sA, gA + q0 * X.da.st, X.da.st, len - q0, X.da.cols, X.da.ptr, tid);
   mma::cp_async_commit();
-  build_key_tiles(p, start, h, len, q0, bits, words, tid);
+  build_key_tiles(p, start, h, len, q0, kRows, bits, words, tid);
   {  // publish: this query tile visits these key tiles
     uint32_t* row0 = G.bits + static_cast<int64_t>(blockIdx.x) * n_tiles * G.qwords;
     for (int wd = tid; wd < words; wd += kThreads) {
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) bsa_dq_kernel(const HstuParams p, co
 // ---------------------------------------------------------------- 2. dkbar, dvbar
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bsa_dkdv_cmp_kernel(const HstuParams p, const BsaOperands X,
+__global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_cmp_kernel(const HstuParams p, const BsaOperands X,
                                                                 const BwdBufs G) {
   constexpr int QC = kQC<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) bsa_dkdv_cmp_kernel(const HstuParams
 // ---------------------------------------------------------------- 3. dk, dv
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bsa_dkdv_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
+__global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
                                                             int n_tiles) {
   constexpr int QC = kQC<D>, R = kRows / QC;  // R steps per 64-query tile
   extern __shared__ __align__(16) unsigned char smem_raw[];

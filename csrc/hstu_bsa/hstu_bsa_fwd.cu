@@ -2,7 +2,8 @@
 // (SPEC.md section 6; notes/hstu_bsa.md). Gates are per row, so each branch's weights are
 // scaled by their gate and every branch adds into one O accumulator.
 //
-// A CTA owns 64 queries of one (sequence, head), 4 warps x 16 rows:
+// A CTA owns 128 queries of one (sequence, head), 4 warps x 32 rows (64 = 4 x 16 on the fp32
+// FFMA path):
 //  1. compressed: tiles of 64 block means (kbar, vbar from block_means_kernel), weight
 //     silu(alpha q.kbar_c) / n * g_cmp for complete blocks c with (c + 1) BS - 1 <= t;
 //  2. selected + window in one pass over the union of the key tiles that any row selects or
@@ -20,31 +21,45 @@
 namespace ssm_ext {
 namespace hstu_bsa {
 
+// 16-row tiles per warp (as in the dense forward): 2 on the tensor cores, 1 on the fp32 path.
+template <typename T>
+constexpr int kMT = kTensorCores<T> ? 2 : 1;
+template <typename T>
+constexpr int kBM = kWarps * 16 * kMT<T>;
+
+// The multiplicity tile takes 1 byte a count when block_counts <= 255 (wide = false), else 2:
+// at bf16 D = 128 the 1-byte tile keeps two CTAs per SM.
 template <typename T, int D>
-constexpr size_t bsa_fwd_smem(int words) {
-  return size_t(kRows + 4 * kRows) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kRows / 8>() * 4 +
-         size_t(kRows) * kRows * 2 + size_t(words) * 4;
+constexpr size_t bsa_fwd_smem(int words, bool wide) {
+  return size_t(kBM<T> + 4 * kRows) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kRows / 8>() * 4 +
+         size_t(kBM<T>) * 3 * 4 + size_t(kBM<T>) * kRows * (wide ? 2 : 1) + size_t(words) * 4;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, const BsaOperands X, int n_tiles,
-                                                           int words) {
+__global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p, const BsaOperands X, int n_qt,
+                                                              int words) {
+  constexpr int MT = kMT<T>, BM = kBM<T>;
+  static_assert(BM <= kThreads, "one thread per query row builds the tile sets");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kRows * D;       // 2 stages
+  T* sK = sQ + BM * D;          // 2 stages of kRows keys
   T* sV = sK + 2 * kRows * D;   // 2 stages
   float* scratch = reinterpret_cast<float*>(sV + 2 * kRows * D);
-  uint16_t* mult = reinterpret_cast<uint16_t*>(scratch + kWarps * scratch_floats<T, kRows / 8>());
-  uint32_t* bits = reinterpret_cast<uint32_t*>(mult + kRows * kRows);
+  float* sgate = scratch + kWarps * scratch_floats<T, kRows / 8>();  // [BM][3]: g_cmp, g_slc, g_swa
+  const bool wide = p.block_counts > 255;
+  uint8_t* mult8 = reinterpret_cast<uint8_t*>(sgate + BM * 3);        // [BM][kRows], 1 or 2 bytes
+  uint16_t* mult16 = reinterpret_cast<uint16_t*>(mult8);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(mult8 + BM * kRows * (wide ? 2 : 1));
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int64_t start = p.offsets[b];
   const int len = static_cast<int>(p.offsets[b + 1] - start);
-  const int q0 = (n_tiles - 1 - static_cast<int>(blockIdx.y)) * kRows;
+  const int q0 = (n_qt - 1 - static_cast<int>(blockIdx.y)) * BM;
   if (q0 >= len) return;
   float* wscratch = scratch + w * scratch_floats<T, kRows / 8>();
+  const int r0 = w * 16 * MT;  // the warp's first row in the tile
   const int bs = static_cast<int>(p.block_size);
-  const int last = min(len, q0 + kRows) - 1;
+  const int last = min(len, q0 + BM) - 1;
 
   const T* gQ = static_cast<const T*>(X.q.ptr) + start * X.q.st + h * X.q.hs;
   const T* gK = static_cast<const T*>(X.k.ptr) + start * X.k.st + h * X.k.hs;
@@ -52,27 +67,22 @@ __global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, c
   const int64_t mst = p.heads * D;  // row stride of the means
   const T* gKb = static_cast<const T*>(X.kbar) + X.cblk[b] * mst + h * D;
   const T* gVb = static_cast<const T*>(X.vbar) + X.cblk[b] * mst + h * D;
-  load_tile<T, D, kRows>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
+  load_tile<T, D, BM>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
   mma::cp_async_commit();
-  build_key_tiles(p, start, h, len, q0, bits, words, tid);
-
-  // This thread's rows (e >> 1 = 0, 1) and their gates.
   const float alpha = static_cast<float>(p.alpha), inv_n = 1.f / static_cast<float>(p.n);
   const bool has_mask = p.mask.ptr != nullptr;
   const int wnd = static_cast<int>(min(p.window_size, int64_t(len)));
-  float gc[2], gs[2], gw[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int t = q0 + w * 16 + (lane >> 2) + 8 * i;
-    gc[i] = gs[i] = gw[i] = 0.f;
-    if (t < len) {
-      gc[i] = gate_at(p, p.gates, start + t, h, 0);
-      gs[i] = gate_at(p, p.gates, start + t, h, 1);
-      gw[i] = wnd > 0 ? gate_at(p, p.gates, start + t, h, 2) : 0.f;
-    }
+  if (tid < BM) {  // the rows' gates (0 past the sequence; g_swa 0 without a window)
+    const bool ok = q0 + tid < len;
+    sgate[tid * 3 + 0] = ok ? gate_at(p, p.gates, start + q0 + tid, h, 0) : 0.f;
+    sgate[tid * 3 + 1] = ok ? gate_at(p, p.gates, start + q0 + tid, h, 1) : 0.f;
+    sgate[tid * 3 + 2] = ok && wnd > 0 ? gate_at(p, p.gates, start + q0 + tid, h, 2) : 0.f;
   }
-  float o[D / 8][4];
-  zero(o);
+  build_key_tiles(p, start, h, len, q0, BM, bits, words, tid);  // its barriers publish sgate too
+
+  float o[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero(o[mt]);
 
   // 1. compressed branch: blocks 0 .. n_cmp - 1.
   const int n_cmp = (last + 1) / bs;
@@ -94,19 +104,23 @@ __global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, c
     }
     __syncthreads();
     const int st = ct & 1, c0 = ct * kRows;
-    float s[kRows / 8][4];
-    zero(s);
-    gemm_abt<T, D, kRows / 8>(s, sQ, w * 16, sK + st * kRows * D, 0, lane);
+    float s[MT][kRows / 8][4];
 #pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) {
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+    gemm_abt_mt<T, D, kRows / 8, MT>(s, sQ, r0, sK + st * kRows * D, 0, lane);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = q0 + w * 16 + frag_row(lane, e), c = c0 + frag_col(lane, j, e);
-        const float x = alpha * s[j][e];
-        s[j][e] = (c + 1) * bs <= t + 1 ? x * sigmoid_t<T>(x) * inv_n * gc[e >> 1] : 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = r0 + 16 * mt + frag_row(lane, e), t = q0 + r, c = c0 + frag_col(lane, j, e);
+          const float x = alpha * s[mt][j][e];
+          s[mt][j][e] = (c + 1) * bs <= t + 1 ? x * sigmoid_t<T>(x) * inv_n * sgate[r * 3] : 0.f;
+        }
       }
     }
-    gemm_pb<T, D, kRows / 8>(o, s, sV + st * kRows * D, 0, wscratch, lane);
+    gemm_pb_mt<T, D, kRows / 8, MT>(o, s, sV + st * kRows * D, 0, wscratch, lane);
     __syncthreads();
   }
 
@@ -129,44 +143,55 @@ __global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, c
       mma::cp_async_wait<0>();
     }
     const int st = i & 1, k0 = cur * kRows;
-    build_mult(p, start, h, len, q0, k0, kRows, mult, tid);
+    if (wide) build_mult(p, start, h, len, q0, k0, BM, mult16, tid);
+    else build_mult(p, start, h, len, q0, k0, BM, mult8, tid);
     __syncthreads();
-    float s[kRows / 8][4];
-    zero(s);
-    gemm_abt<T, D, kRows / 8>(s, sQ, w * 16, sK + st * kRows * D, 0, lane);
+    if (k0 <= q0 + r0 + 16 * MT - 1) {  // else every key of the tile is after the warp's rows
+      float s[MT][kRows / 8][4];
 #pragma unroll
-    for (int j = 0; j < kRows / 8; ++j) {
+      for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+      gemm_abt_mt<T, D, kRows / 8, MT>(s, sQ, r0, sK + st * kRows * D, 0, lane);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = w * 16 + frag_row(lane, e), t = q0 + r, kc = frag_col(lane, j, e), kj = k0 + kc;
-        const float x = alpha * s[j][e];
-        float c = 0.f;
-        if (kj <= t && t < len) {
-          c = gs[e >> 1] * static_cast<float>(mult[r * kRows + kc]);
-          if (kj > t - wnd) c += gw[e >> 1];
-          if (has_mask && c != 0.f) c *= mask_at(p, b, t, kj);
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = r0 + 16 * mt + frag_row(lane, e), t = q0 + r, kc = frag_col(lane, j, e), kj = k0 + kc;
+            const float x = alpha * s[mt][j][e];
+            float c = 0.f;
+            if (kj <= t && t < len) {
+              const int mi = r * kRows + kc;
+              c = sgate[r * 3 + 1] * static_cast<float>(wide ? mult16[mi] : mult8[mi]);
+              if (kj > t - wnd) c += sgate[r * 3 + 2];
+              if (has_mask && c != 0.f) c *= mask_at(p, b, t, kj);
+            }
+            s[mt][j][e] = x * sigmoid_t<T>(x) * inv_n * c;
+          }
         }
-        s[j][e] = x * sigmoid_t<T>(x) * inv_n * c;
       }
+      gemm_pb_mt<T, D, kRows / 8, MT>(o, s, sV + st * kRows * D, 0, wscratch, lane);
     }
-    gemm_pb<T, D, kRows / 8>(o, s, sV + st * kRows * D, 0, wscratch, lane);
     __syncthreads();
     cur = nxt;
   }
-
   mma::cp_async_wait<0>();  // nothing may be in flight at exit (a tile with no key tiles)
+
   // out = u * o
   const int dv = static_cast<int>(p.dim_v);
   T* out = static_cast<T*>(p.out.ptr) + (start + q0) * p.out.st + h * dv * p.out.sc;
   const T* u = p.u.ptr ? static_cast<const T*>(p.u.ptr) + (start + q0) * p.u.st + h * dv * p.u.sc : nullptr;
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = w * 16 + frag_row(lane, e), c = frag_col(lane, dt, e);
-      if (q0 + r < len && c < dv) {
-        const float uu = u ? static_cast<float>(u[r * p.u.st + c * p.u.sc]) : 1.f;
-        out[r * p.out.st + c * p.out.sc] = static_cast<T>(uu * o[dt][e]);
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r0 + 16 * mt + frag_row(lane, e), c = frag_col(lane, dt, e);
+        if (q0 + r < len && c < dv) {
+          const float uu = u ? static_cast<float>(u[r * p.u.st + c * p.u.sc]) : 1.f;
+          out[r * p.out.st + c * p.out.sc] = static_cast<T>(uu * o[mt][dt][e]);
+        }
       }
     }
   }
@@ -175,17 +200,19 @@ __global__ void __launch_bounds__(kThreads) bsa_fwd_kernel(const HstuParams p, c
 // Runs the forward into p.out (u from p.u, absent = 1); the backward calls it without u for
 // the gated attention a(t) it needs for du.
 void launch_bsa_fwd(const HstuParams& p, const BsaOperands& X, at::ScalarType dtype, int D, cudaStream_t stream) {
-  const int n_tiles = static_cast<int>((p.max_len + kRows - 1) / kRows);
-  const int words = (n_tiles + 31) / 32;
+  const int n_kt = static_cast<int>((p.max_len + kRows - 1) / kRows);
+  const int words = (n_kt + 31) / 32;
   dispatch_hstu(dtype, D, [&](auto tv, auto dv) {
     using T = decltype(tv);
     constexpr int kD = decltype(dv)::value;
-    const size_t smem = bsa_fwd_smem<T, kD>(words);
+    const int n_qt = static_cast<int>((p.max_len + kBM<T> - 1) / kBM<T>);
+    TORCH_CHECK(n_qt <= 65535, msg("sequences up to ", 65535 * kBM<T>, " rows on CUDA, got ", p.max_len));
+    const size_t smem = bsa_fwd_smem<T, kD>(words, p.block_counts > 255);
     TORCH_CHECK(smem <= 227 * 1024, msg("hstu_bsa_fwd: sequences too long for the CUDA kernel's tile bitmap (",
                                         p.max_len, " rows)"));
     set_smem(bsa_fwd_kernel<T, kD>, smem);
-    bsa_fwd_kernel<T, kD><<<dim3(static_cast<unsigned>(p.batch * p.heads), n_tiles), kThreads, smem, stream>>>(
-        p, X, n_tiles, words);
+    bsa_fwd_kernel<T, kD><<<dim3(static_cast<unsigned>(p.batch * p.heads), n_qt), kThreads, smem, stream>>>(
+        p, X, n_qt, words);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -95,8 +95,16 @@ void dispatch_hstu(at::ScalarType t, int dim, F&& f) {
   }
 }
 
+// Opts the kernel in to `bytes` of dynamic shared memory, with a clear error where the device
+// has less (the fp32 tiles at head widths > 64 need Hopper's 227 KB; A100 has 163 KB, Ada 99 KB).
 template <typename K>
 void set_smem(K kernel, size_t bytes) {
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= static_cast<size_t>(optin),
+              msg("HSTU attention CUDA kernel: needs ", bytes, " bytes of shared memory per block, this GPU allows ",
+                  optin, "; use bf16 / fp16 inputs, narrower heads, or the CPU"));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
@@ -405,12 +413,13 @@ inline void block_means(const HstuParams& p, const at::Tensor& x, int64_t d, con
 // Key tiles (of kRows keys) a query tile needs for the selected and window branches, as a
 // bitmap over the sequence's key tiles: the tiles of every valid selected block of its rows
 // (keys <= t) and the window band. Bit setting is an OR, so the result is order-free.
+// nq (<= kThreads) is the query tile's row count.
 __device__ __forceinline__ void build_key_tiles(const HstuParams& p, int64_t start, int64_t h, int len, int q0,
-                                                uint32_t* bits, int words, int tid) {
+                                                int nq, uint32_t* bits, int words, int tid) {
   for (int i = tid; i < words; i += kThreads) bits[i] = 0u;
   __syncthreads();
-  const int last = min(len, q0 + kRows) - 1;
-  if (tid < kRows && q0 + tid < len) {
+  const int last = min(len, q0 + nq) - 1;
+  if (tid < nq && q0 + tid < len) {
     const int64_t t = q0 + tid;
     const int32_t* idx = static_cast<const int32_t*>(p.block_idx.ptr) + (start + t) * p.block_idx.s0 + h * p.block_idx.s1;
     for (int64_t s = 0; s < p.block_counts; ++s) {
@@ -442,10 +451,12 @@ __device__ __forceinline__ int next_bit(const uint32_t* bits, int words, int fro
 // mult[r * kRows + (j - k0)] = how often query row t = t0 + r lists the block of key j
 // (k0 <= j < k0 + kRows, j <= t), for rows r < nrows (one thread per row). Rows past the
 // sequence get 0.
+// M = uint16_t, or uint8_t when block_counts <= 255 (a count never exceeds block_counts).
+template <typename M>
 __device__ __forceinline__ void build_mult(const HstuParams& p, int64_t start, int64_t h, int len, int t0, int k0,
-                                           int nrows, uint16_t* mult, int tid) {
+                                           int nrows, M* mult, int tid) {
   if (tid >= nrows) return;
-  uint16_t* row = mult + tid * kRows;
+  M* row = mult + tid * kRows;
   for (int i = 0; i < kRows; ++i) row[i] = 0;
   const int64_t t = t0 + tid;
   if (t >= len) return;
