@@ -25,7 +25,13 @@ def _padded_rows(x_offsets, total, n):
     """Row b*n + (t - x_offsets[b]) of the (B*n)-row padded layout for each jagged row t."""
     x_offsets = x_offsets.to(torch.int64)
     t = torch.arange(total, device=x_offsets.device)
-    b = torch.searchsorted(x_offsets[1:], t, right=True)
+    # b = the last b with x_offsets[b] <= t (x_offsets[0] = 0, so b >= 0; empty sequences are
+    # skipped). Searched in the whole x_offsets, not in the slice x_offsets[1:]: Inductor's Triton
+    # searchsorted lowering before pytorch/pytorch#182344 ignores a boundary tensor's storage
+    # offset and searched x_offsets[0:B], silently shifting every row one sequence on (the
+    # compiled padded_q / padded_k came out wrong on CUDA while out and the gradients, which map
+    # back through the same rows, stayed right).
+    b = torch.searchsorted(x_offsets, t, right=True) - 1
     return b * n + t - x_offsets[b]
 
 

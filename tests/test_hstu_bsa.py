@@ -769,6 +769,27 @@ def test_compile_layer_fullgraph(device):
         assert_rel(c, e, 1e-5, f"compiled {name}")
 
 
+@pytest.mark.parametrize("lens", [LENS, [0, 3, 0, 0, 7, 0], [4]], ids=["default", "empties", "one"])
+def test_compile_jagged_padded_rows(device, lens):
+    """jagged_to_padded / padded_to_jagged compiled (fullgraph) equal eager, with empty sequences
+    (repeated offsets) and an x_offsets that is a slice with a storage offset. On CUDA this runs
+    Inductor's Triton searchsorted, which before pytorch/pytorch#182344 dropped the storage offset
+    of a sliced boundary tensor (the cause of a wrong compiled padded_q)."""
+    torch._dynamo.reset()
+
+    def f(values, off):
+        p = jagged_to_padded(values, off, N)
+        return p, padded_to_jagged(p * 2, off)
+
+    store = torch.cat([torch.tensor([7, 7], device=device), _offsets(lens, device)])
+    values = torch.randn(sum(lens), 5, device=device)
+    for off in (_offsets(lens, device), store[2:]):
+        e = f(values, off)
+        c = torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND)(values, off)
+        for name, a, b in zip(["padded", "jagged"], c, e):
+            assert torch.equal(a, b), f"compiled {name}, offsets storage_offset {off.storage_offset()}"
+
+
 # --------------------------------------------------------------------------------------
 # opcheck
 # --------------------------------------------------------------------------------------
@@ -792,6 +813,32 @@ OP_COMBOS = [(F32, True, False), (F32, False, True), (BF16, True, True)]
 def test_opcheck(device, name, dtype, u_on, mask_on):
     op = getattr(ops, name).default
     values = _op_values(device, dtype, u_on, mask_on, grad=name.endswith("fwd"))
+    torch.library.opcheck(op, schema_args(op, values))
+
+
+def _strided_op_values(device, grad):
+    """The layer's operands: u, v, q, k column slices of one (T, 2H(DL+DA)) projection (row
+    stride > width; q, k 16-byte aligned, v, u not), an empty sequence, widths 8 / 6, and a
+    non-contiguous dout."""
+    lens = [1, 5, 0, 9]
+    uvqk = torch.randn(sum(lens), 2 * H * (DL + DA), device=device)
+    if grad:
+        uvqk.requires_grad_()
+    u, v, q, k = torch.split(uvqk, [DL * H, DL * H, DA * H, DA * H], dim=1)
+    off = _offsets(lens, device)
+    gates = torch.rand(sum(lens), H, 4, device=device)[..., 1:]  # (T, H, 3), strided
+    idx = ops.hstu_bsa_topk(q.detach(), k.detach(), off, 10, H, 0.5, 3, 2)
+    dout = torch.randn(H * DL, sum(lens), device=device).t()
+    return dict(q=q, k=k, v=v, u=u, gates=gates.requires_grad_(grad), block_idx=idx, x_offsets=off, n=10,
+                num_heads=H, alpha=0.5, block_size=3, block_counts=2, window_size=2, attn_mask=None, dout=dout)
+
+
+@pytest.mark.parametrize("name", ["hstu_attn_fwd", "hstu_attn_bwd", "hstu_bsa_topk", "hstu_bsa_fwd", "hstu_bsa_bwd"])
+def test_opcheck_strided(device, name):
+    """opcheck (schema: no input mutated or aliased; fake vs real strides; autograd) on the strided
+    column slices the layer passes, not only contiguous samples."""
+    op = getattr(ops, name).default
+    values = _strided_op_values(device, grad=name.endswith("fwd"))
     torch.library.opcheck(op, schema_args(op, values))
 
 
