@@ -110,7 +110,7 @@ template <typename T>
 __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   constexpr int NT = 32;
   __shared__ Stage<NT> st;
-  extern __shared__ float red[];  // [3][warps][kTS][32]
+  SSM_EXT_DYNAMIC_SMEM(float, red);  // [3][warps][kTS][32]
   const Cta a = decode_cta(tl, blockIdx.x);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int W = tl.warps, PC = W * kPPT;
