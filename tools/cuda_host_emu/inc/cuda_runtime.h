@@ -16,6 +16,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __shared__ static
 #define __restrict__
 #define SSM_EXT_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem())
