@@ -28,6 +28,13 @@ namespace ssm_ext {
 namespace issm {
 namespace {
 
+// __maxnreg__ needs nvcc 12.4+; older ones get the plain 512-thread bound (128 registers).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define SSM_EXT_MAXNREG_112 __maxnreg__(112)
+#else
+#define SSM_EXT_MAXNREG_112 __launch_bounds__(kMaxWarps * 32, 1)
+#endif
+
 constexpr int kBwdChunk = 64;
 constexpr int kSub = kBwdChunk / kTS;  // sub-blocks per chunk
 constexpr int kTB = 16;                // steps per CTA in the finishing kernels
@@ -109,7 +116,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void adj_local_kernel(IssmParams
 // Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials (dk, dlog, dC), then
 // kSub * kPPT * blockDim floats of sub-block boundary states (each thread its own column).
 template <typename T>
-__global__ __maxnreg__(112) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+__global__ SSM_EXT_MAXNREG_112 void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   constexpr int NT = 32;
   __shared__ Stage<NT> st;
   SSM_EXT_DYNAMIC_SMEM(float, red);  // [3][warps][kTS][32]
