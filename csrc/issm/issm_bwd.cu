@@ -6,7 +6,7 @@
 //      added at segment ends), walking the chunk in reverse from 0.
 //   3. pass_kernel<reverse>: the adjoint at the end of each chunk from all later chunks.
 //   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), the forward states of the chunk
-//      are recomputed (boundaries every kTS steps in registers, a kTS-step history in registers)
+//      are recomputed (boundaries every kTS steps in shared memory, a kTS-step history in registers)
 //      and the chunk walked in reverse: dx partials (over this n-tile, a lane reduce-scatter),
 //      and per (t, n) sums over the CTA's p of dk = dS^T x, dlog = (dS . s_{t-1}) decay and
 //      dC = s_t^T gy (warp partials summed over warps in order); dinitial_states at segment starts.
@@ -27,6 +27,13 @@
 namespace ssm_ext {
 namespace issm {
 namespace {
+
+// __maxnreg__ needs nvcc 12.4+; older ones get the plain 512-thread bound (128 registers).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define SSM_EXT_MAXNREG_112 __maxnreg__(112)
+#else
+#define SSM_EXT_MAXNREG_112 __launch_bounds__(kMaxWarps * 32, 1)
+#endif
 
 constexpr int kBwdChunk = 64;
 constexpr int kSub = kBwdChunk / kTS;  // sub-blocks per chunk
@@ -104,13 +111,15 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void adj_local_kernel(IssmParams
       if (pin[j] && nin[jn]) bb.adj[state_index(p, tl, a.row, a.c, a.h, pw + j, nl + jn)] = dS[j][jn];
 }
 
-// Step 4. NPT = 1: lane l owns state n = tn*32 + l; warp w owns p = plo + 4w .. +3.
-// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials (dk, dlog, dC).
+// Step 4. NPT = 1: lane l owns state n = tn*32 + l; warp w owns p = plo + 4w .. +3. At most 112
+// registers: two CTAs of 288 threads (P = 36) fit an SM; 512 threads (P = 64) still launch.
+// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials (dk, dlog, dC), then
+// kSub * kPPT * blockDim floats of sub-block boundary states (each thread its own column).
 template <typename T>
-__global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+__global__ SSM_EXT_MAXNREG_112 void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   constexpr int NT = 32;
   __shared__ Stage<NT> st;
-  extern __shared__ float red[];  // [3][warps][kTS][32]
+  SSM_EXT_DYNAMIC_SMEM(float, red);  // [3][warps][kTS][32]
   const Cta a = decode_cta(tl, blockIdx.x);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int W = tl.warps, PC = W * kPPT;
@@ -128,17 +137,19 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams
                : 0.f;
   };
 
-  // Boundaries: bnd[jb] = state entering sub-block jb (before its first step's event).
-  float bnd[kSub][kPPT];
+  // Boundaries: bnd(jb, j) = state entering sub-block jb (before its first step's event), in
+  // shared memory (registers would cost 32 per thread and halve the CTAs per SM).
+  float* bnd_sm = red + 3 * W * kTS * 32;
+  auto bnd = [&](int jb, int j) -> float& { return bnd_sm[(jb * kPPT + j) * blockDim.x + threadIdx.x]; };
 #pragma unroll
   for (int j = 0; j < kPPT; ++j)
-    bnd[0][j] = (pin[j] && nin) ? bb.states[state_index(p, tl, a.row, a.c, a.h, pw + j, n)] : 0.f;
-#pragma unroll
+    bnd(0, j) = (pin[j] && nin) ? bb.states[state_index(p, tl, a.row, a.c, a.h, pw + j, n)] : 0.f;
+#pragma unroll 1
   for (int jb = 0; jb < kSub; ++jb) {
     const int64_t t0 = c0 + jb * kTS;
     float s[kPPT];
 #pragma unroll
-    for (int j = 0; j < kPPT; ++j) s[j] = bnd[jb][j];
+    for (int j = 0; j < kPPT; ++j) s[j] = bnd(jb, j);
     if (jb + 1 < kSub) {
       if (t0 < c1) {  // uniform
         __syncthreads();
@@ -158,7 +169,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams
         }
       }
 #pragma unroll
-      for (int j = 0; j < kPPT; ++j) bnd[jb + 1][j] = s[j];
+      for (int j = 0; j < kPPT; ++j) bnd(jb + 1, j) = s[j];
     }
   }
 
@@ -170,7 +181,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams
   float* red_dk = red;
   float* red_dl = red + W * kTS * 32;
   float* red_dc = red + 2 * W * kTS * 32;
-#pragma unroll
+#pragma unroll 1
   for (int jb = kSub - 1; jb >= 0; --jb) {
     const int64_t t0 = c0 + jb * kTS;
     if (t0 < c1) {  // uniform
@@ -187,7 +198,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams
         const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
 #pragma unroll
         for (int j = 0; j < kPPT; ++j) {
-          float prev = ts == 0 ? bnd[jb][j] : hist[ts > 0 ? ts - 1 : 0][j];
+          float prev = ts == 0 ? bnd(jb, j) : hist[ts > 0 ? ts - 1 : 0][j];
           if (start != -2) prev = init_at(start, j);
           hist[ts][j] = fmaf(dec, prev, k * xv[j]);
         }
@@ -215,7 +226,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void bwd_chunk_kernel(IssmParams
             dc = fmaf(hist[ts][j], gv[j], dc);
             dxp[j] = dS[j] * k;
             dk = fmaf(dS[j], xv[j], dk);
-            float prev = ts == 0 ? bnd[jb][j] : hist[ts > 0 ? ts - 1 : 0][j];
+            float prev = ts == 0 ? bnd(jb, j) : hist[ts > 0 ? ts - 1 : 0][j];
             if (start != -2) prev = init_at(start, j);
             dl = fmaf(dS[j], prev, dl);
             dS[j] *= dec;
@@ -423,7 +434,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
     const int64_t elems = tf.nrows * H * P * N;  // 3.
     pass_kernel<true><<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t smem = sizeof(float) * 3 * tb.warps * kTS * 32;  // 4.
+    const size_t smem = sizeof(float) * (3 * kTS * 32 + kSub * kPPT * 32) * tb.warps;  // 4.
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     bwd_chunk_kernel<T><<<static_cast<unsigned>(tb.ctas()), static_cast<unsigned>(tb.warps * 32), smem, stream>>>(

@@ -36,6 +36,12 @@
 #include "common/load.h"
 #include "issm/issm.h"
 
+// The dynamic shared-memory array of a kernel (a macro so that a host-side emulation of these
+// kernels can supply its own buffer).
+#ifndef SSM_EXT_DYNAMIC_SMEM
+#define SSM_EXT_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace ssm_ext {
 namespace issm {
 namespace {

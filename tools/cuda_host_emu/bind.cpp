@@ -1,0 +1,17 @@
+#include <torch/extension.h>
+namespace ssm_ext { namespace issm {
+using OT = c10::optional<at::Tensor>;
+std::tuple<at::Tensor, at::Tensor> emu_issm_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, bool);
+std::vector<at::Tensor> emu_issm_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, const at::Tensor&, const OT&);
+}}
+namespace ssm_ext { namespace norm {
+using OT = c10::optional<at::Tensor>;
+std::tuple<at::Tensor, at::Tensor> emu_norm_fwd(const at::Tensor&, const at::Tensor&, const OT&, const OT&, double, int64_t, bool);
+std::vector<at::Tensor> emu_norm_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OT&, const OT&, const at::Tensor&, int64_t, bool);
+}}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("issm_fwd", &ssm_ext::issm::emu_issm_fwd);
+  m.def("issm_bwd", &ssm_ext::issm::emu_issm_bwd);
+  m.def("norm_fwd", &ssm_ext::norm::emu_norm_fwd);
+  m.def("norm_bwd", &ssm_ext::norm::emu_norm_bwd);
+}
