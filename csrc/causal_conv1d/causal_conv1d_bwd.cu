@@ -9,6 +9,7 @@
 #include "causal_conv1d/causal_conv1d_cuda.cuh"
 #include "causal_conv1d/causal_conv1d_math.h"
 #include "common/cuda_utils.cuh"
+#include "common/mma.cuh"
 
 namespace ssm_ext {
 namespace conv1d {
@@ -160,12 +161,6 @@ struct ClBwdTile {
   static constexpr size_t kBytes = size_t(kRowsX + kRowsG) * kClBwdTileC * sizeof(T) + kRowsX * sizeof(int);
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
-
 // Fills the tile starting at step t0 for channels [cb, cb + kClBwdTileC) of batch row b.
 template <typename T, int W, bool kHasSeq>
 __device__ __forceinline__ void load_cl_bwd_tile(const ConvParams& p, int64_t b, int64_t cb, int64_t t0, T* xs,
@@ -181,7 +176,7 @@ __device__ __forceinline__ void load_cl_bwd_tile(const ConvParams& p, int64_t b,
     const int64_t t = t0 + r - (is_x ? W - 1 : 0), c = cb + int64_t(cv) * E;
     T* dst = (is_x ? xs : gs) + r * kClBwdTileC + cv * E;
     if (c < p.dim && t >= 0 && t < L) {
-      cp_async16(dst, is_x ? x + t * p.x.sl + c : g + t * p.dout.sl + c);
+      mma::cp_async16(dst, is_x ? x + t * p.x.sl + c : g + t * p.dout.sl + c, true);
     } else if (c < p.dim && t < 0) {  // only x rows reach t < 0: the initial states
 #pragma unroll
       for (int i = 0; i < E; ++i) dst[i] = T(state_at<T, float>(p.initial_states, b, c + i, W - 1 + t));
@@ -194,7 +189,8 @@ __device__ __forceinline__ void load_cl_bwd_tile(const ConvParams& p, int64_t b,
       const int64_t t = t0 + r - (W - 1);
       ss[r] = t < L ? seq_at(p, b, t) : -1;
     }
-  cp_async_wait_all();
+  mma::cp_async_commit();
+  mma::cp_async_wait<0>();
 }
 
 template <typename T, int W, bool kHasSeq>
