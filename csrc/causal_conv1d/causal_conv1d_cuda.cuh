@@ -195,22 +195,5 @@ __device__ __forceinline__ void cf_window(const CfLoads<T, W, kHasSeq, kVecs>& c
   }
 }
 
-// Channel-last: the W-1 inputs before t0 for channels [c0, c0+E), into win[0..W-2].
-template <typename T, int W, bool kHasSeq, int E>
-__device__ __forceinline__ void load_cl_halo(const ConvParams& p, int64_t b, int64_t c0, int64_t t0,
-                                             float (*win)[E], int* swin) {
-#pragma unroll
-  for (int j = 0; j < W - 1; ++j) {
-    const int64_t t = t0 - (W - 1) + j;
-    if (t >= 0) {
-      load_vec<T, E>(static_cast<const T*>(p.x.ptr) + b * p.x.sb + t * p.x.sl + c0, win[j]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < E; ++i) win[j][i] = state_at<T, float>(p.initial_states, b, c0 + i, W - 1 + t);
-    }
-    swin[j] = kHasSeq ? seq_at(p, b, t) : 0;
-  }
-}
-
 }  // namespace conv1d
 }  // namespace ssm_ext
