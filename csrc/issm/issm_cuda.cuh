@@ -409,7 +409,9 @@ __global__ SSM_EXT_MAXNREG_112 void chunk_kernel(IssmParams p, Tiling tl, Bufs b
     const float zv = float(r.z);
     __syncthreads();
     if (t0 + kTS < c1) prefetch_block<T, NT, MODE != kLocal>(p, r, a.row, a.h, g, t0 + kTS, c1, nlo, plo, PC);
-#pragma unroll
+    // Not unrolled: the step body (with its rare reset and final-state paths) unrolled 8 times
+    // made the kernel ~140-170 KB of code, beyond the instruction cache.
+#pragma unroll 1
     for (int ts = 0; ts < kTS; ++ts) {
       const int start = t0 + ts < c1 ? ev_start[t0 - c0 + ts] : -2;
       if (start != -2) {  // uniform over the CTA
