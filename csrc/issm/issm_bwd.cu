@@ -28,13 +28,6 @@ namespace ssm_ext {
 namespace issm {
 namespace {
 
-// __maxnreg__ needs nvcc 12.4+; older ones get the plain 512-thread bound (128 registers).
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-#define SSM_EXT_MAXNREG_112 __maxnreg__(112)
-#else
-#define SSM_EXT_MAXNREG_112 __launch_bounds__(kMaxWarps * 32, 1)
-#endif
-
 constexpr int kBwdChunk = 64;
 constexpr int kSub = kBwdChunk / kTS;  // sub-blocks per chunk
 constexpr int kTB = 16;                // steps per CTA in the finishing kernels

@@ -48,10 +48,18 @@ namespace {
 
 constexpr int kPPT = 4;        // p per warp (each lane holds all kPPT)
 constexpr int kTS = 8;         // steps staged per shared-memory block
+constexpr int kMaxTc = 128;    // chunk length bound (chunk_kernel keeps a chunk's events in shared memory)
 constexpr int kMaxWarps = 16;  // a CTA covers up to 64 p
 constexpr int kMaxPC = kMaxWarps * kPPT;
 
 enum Mode : int { kLocal = 0, kOut = 1, kOutBwd = 2 };
+
+// __maxnreg__ needs nvcc 12.4+; older ones get the plain 512-thread bound (128 registers).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define SSM_EXT_MAXNREG_112 __maxnreg__(112)
+#else
+#define SSM_EXT_MAXNREG_112 __launch_bounds__(kMaxWarps * 32, 1)
+#endif
 
 struct Tiling {
   int64_t nrows = 0, nheads = 0, seqlen = 0, nchunks = 0;
@@ -78,7 +86,7 @@ inline Tiling make_tiling(const IssmParams& p, int Tc, int max_npt) {
     const int64_t base = tl.nrows * tl.nheads * tl.ntp * tl.ntn;
     Tc = base * ((p.seqlen + 127) / 128) >= 1024 ? 128 : 64;
   }
-  tl.Tc = Tc;
+  tl.Tc = std::min(Tc, kMaxTc);
   tl.nchunks = (p.seqlen + Tc - 1) / Tc;
   return tl;
 }
@@ -186,6 +194,84 @@ __device__ __forceinline__ void stage_block(const IssmParams& p, const float* gy
   }
 }
 
+// The forward chunk kernel's staging is software-pipelined: the raw global loads of block i+1
+// are issued into registers (Raw) before block i is computed, and converted into the Stage after
+// it, so a block's load latency hides behind the previous block's compute. Per-CTA constants (A,
+// dt_bias per n; events per step of the chunk) are read once in the prologue.
+constexpr int kPre = 4;       // n-elements per thread prefetched (all of them for >= 2*NPT warps)
+static_assert(kTS * kPPT == 32, "x, z of a block: exactly one element per thread");
+
+template <typename T>
+struct Raw {
+  T dt[kPre], B[kPre], C[kPre];
+  T x, z;
+};
+
+// Element q of this thread's share of the block's (step, n) elements.
+__device__ __forceinline__ int raw_index(int q) { return threadIdx.x + q * blockDim.x; }
+
+// Issues the loads of steps [t0, min(t0 + kTS, t1)) into r (z only with kZ); nothing waits on
+// them here.
+template <typename T, int NT, bool kZ>
+__device__ __forceinline__ void prefetch_block(const IssmParams& p, Raw<T>& r, int64_t row, int64_t h, int64_t g,
+                                               int64_t t0, int64_t t1, int64_t nlo, int64_t plo, int PC) {
+#pragma unroll
+  for (int q = 0; q < kPre; ++q) {
+    const int i = raw_index(q);
+    const int64_t t = t0 + i / NT, n = nlo + i % NT;
+    const bool in = i < kTS * NT && t < t1 && n < p.dstate;
+    r.dt[q] = in ? static_cast<const T*>(p.dt.ptr)[p.dt.at(row, t, h, n)] : T(0.f);
+    r.B[q] = in ? static_cast<const T*>(p.B.ptr)[p.B.at(row, t, g, n)] : T(0.f);
+    r.C[q] = in ? static_cast<const T*>(p.C.ptr)[p.C.at(row, t, g, n)] : T(0.f);
+  }
+  const int64_t t = t0 + threadIdx.x / PC, pp = plo + threadIdx.x % PC;
+  const bool in = t < t1 && pp < p.headdim;
+  r.x = in ? static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)] : T(0.f);
+  r.z = kZ && in && p.z.ptr ? static_cast<const T*>(p.z.ptr)[p.z.at(row, t, h, pp)] : T(0.f);
+}
+
+// dec, k, C of element (ts, j) from its raw dt, B, C; A and dt_bias of the n-tile in sA, sbias.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_elem(const IssmParams& p, Stage<NT>& st, const float* sA, const float* sbias,
+                                           int ts, int j, bool in, T dtv, T Bv, T Cv) {
+  float dec = 1.f, k = 0.f, c = 0.f;
+  if (in) {
+    const float d = delta_of(p, float(dtv) + sbias[j], nullptr);
+    dec = __expf(d * sA[j]);
+    k = d * float(Bv);
+    c = float(Cv);
+  }
+  st.dec[ts][j] = dec;
+  st.k[ts][j] = k;
+  st.C[ts][j] = c;
+}
+
+// Writes the prefetched block into st; elements past kPre per thread (CTAs of fewer than 2*NPT
+// warps) are loaded here. Steps at or past t1 get dec = 1, k = 0, C = 0, x = 0.
+template <typename T, int NT>
+__device__ __forceinline__ void commit_block(const IssmParams& p, const Raw<T>& r, Stage<NT>& st, const float* sA,
+                                             const float* sbias, int64_t row, int64_t h, int64_t g, int64_t t0,
+                                             int64_t t1, int64_t nlo, int PC) {
+#pragma unroll
+  for (int q = 0; q < kPre; ++q) {
+    const int i = raw_index(q);
+    if (i >= kTS * NT) break;
+    const int ts = i / NT, j = i % NT;
+    stage_elem<T, NT>(p, st, sA, sbias, ts, j, t0 + ts < t1 && nlo + j < p.dstate, r.dt[q], r.B[q], r.C[q]);
+  }
+  for (int i = raw_index(kPre); i < kTS * NT; i += blockDim.x) {
+    const int ts = i / NT, j = i % NT;
+    const int64_t t = t0 + ts, n = nlo + j;
+    const bool in = t < t1 && n < p.dstate;
+    const T* dt = static_cast<const T*>(p.dt.ptr);
+    const T* B = static_cast<const T*>(p.B.ptr);
+    const T* C = static_cast<const T*>(p.C.ptr);
+    stage_elem<T, NT>(p, st, sA, sbias, ts, j, in, in ? dt[p.dt.at(row, t, h, n)] : T(0.f),
+                      in ? B[p.B.at(row, t, g, n)] : T(0.f), in ? C[p.C.at(row, t, g, n)] : T(0.f));
+  }
+  st.x[threadIdx.x / PC][threadIdx.x % PC] = float(r.x);
+}
+
 // NPT consecutive floats from shared memory.
 template <int NPT>
 __device__ __forceinline__ void lds(const float* src, float* v) {
@@ -246,23 +332,20 @@ __device__ __forceinline__ int64_t prod_index(const IssmParams& p, const Tiling&
   return ((row * tl.nchunks + c) * p.nheads + h) * p.dstate + n;
 }
 
-// The y epilogue of one element (t, p) of head h: y includes D x. Forward: out = y * silu(z).
-// Backward: gy = dout * silu(z) (to the scratch), dz = dout * y * silu'(z).
+// The y epilogue of one element (t, p) of head h: y includes D x (Dv: D[h, p], 0 when absent;
+// zv: z[t, h, p] when z is given). Forward: out = y * silu(z). Backward: gy = dout * silu(z) (to
+// the scratch), dz = dout * y * silu'(z).
 template <typename T, int MODE>
 __device__ __forceinline__ void emit_y(const IssmParams& p, const Bufs& bufs, int64_t row, int64_t t, int64_t h,
-                                       int64_t pp, float y, float xv) {
-  if (p.D.ptr) y += load_as<float>(p.D.ptr, p.D_dtype, p.D.at(h, pp)) * xv;
+                                       int64_t pp, float y, float xv, float Dv, float zv) {
+  if (p.D.ptr) y += Dv * xv;
   if constexpr (MODE == kOut) {
-    if (p.z.ptr) {
-      const float zv = float(static_cast<const T*>(p.z.ptr)[p.z.at(row, t, h, pp)]);
-      y *= zv * sigmoid_f(zv);
-    }
+    if (p.z.ptr) y *= zv * sigmoid_f(zv);
     static_cast<T*>(p.out.ptr)[p.out.at(row, t, h, pp)] = T(y);
   } else {
     const float go = float(static_cast<const T*>(p.dout.ptr)[p.dout.at(row, t, h, pp)]);
     float gy = go;
     if (p.z.ptr) {
-      const float zv = float(static_cast<const T*>(p.z.ptr)[p.z.at(row, t, h, pp)]);
       const float s = sigmoid_f(zv);
       gy = go * zv * s;
       static_cast<T*>(p.dz.ptr)[p.dz.at(row, t, h, pp)] = T(go * y * s * (1.f + zv * (1.f - s)));
@@ -271,15 +354,22 @@ __device__ __forceinline__ void emit_y(const IssmParams& p, const Bufs& bufs, in
   }
 }
 
-// Phase A (kLocal) and phase C (kOut, kOutBwd); see the file comment.
+__device__ __forceinline__ float D_at(const IssmParams& p, int64_t h, int64_t pp) {
+  return p.D.ptr ? load_as<float>(p.D.ptr, p.D_dtype, p.D.at(h, pp)) : 0.f;
+}
+
+// Phase A (kLocal) and phase C (kOut, kOutBwd); see the file comment. 112 registers: two CTAs of
+// 9 warps (P = 36) per SM.
 template <typename T, int NPT, int MODE>
-__global__ __launch_bounds__(kMaxWarps * 32, 1) void chunk_kernel(IssmParams p, Tiling tl, Bufs bufs) {
+__global__ SSM_EXT_MAXNREG_112 void chunk_kernel(IssmParams p, Tiling tl, Bufs bufs) {
   constexpr int NT = 32 * NPT;
   __shared__ Stage<NT> st;
+  __shared__ float sA[NT], sbias[NT];
+  __shared__ int ev_start[kMaxTc], ev_end[kMaxTc];
   const Cta a = decode_cta(tl, blockIdx.x);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int PC = tl.warps * kPPT;
-  const int64_t P = p.headdim, N = p.dstate;
+  const int64_t P = p.headdim, N = p.dstate, g = a.h / p.heads_per_group;
   const int64_t nlo = a.tn * NT, plo = a.tp * PC;
   const int64_t pw = plo + warp * kPPT, nl = nlo + lane * NPT;
   const int64_t c0 = a.c * tl.Tc, c1 = std::min<int64_t>(c0 + tl.Tc, p.seqlen);
@@ -288,6 +378,19 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void chunk_kernel(IssmParams p, 
   for (int j = 0; j < kPPT; ++j) pin[j] = pw + j < P;
 #pragma unroll
   for (int j = 0; j < NPT; ++j) nin[j] = nl + j < N;
+
+  Raw<T> r;
+  prefetch_block<T, NT, MODE != kLocal>(p, r, a.row, a.h, g, c0, c1, nlo, plo, PC);
+  for (int j = threadIdx.x; j < NT; j += blockDim.x) {
+    const int64_t n = nlo + j;
+    sA[j] = n < N ? load_as<float>(p.A.ptr, p.A_dtype, p.A.at(a.h, n)) : 0.f;
+    sbias[j] = n < N && p.dt_bias.ptr ? load_as<float>(p.dt_bias.ptr, p.dt_bias_dtype, p.dt_bias.at(a.h, n)) : 0.f;
+  }
+  for (int i = threadIdx.x; i < c1 - c0; i += blockDim.x) step_events(p, a.row, c0 + i, &ev_start[i], &ev_end[i]);
+  // The epilogue element of this thread (the same (step in block, p) in every block).
+  const int ets = threadIdx.x / PC;
+  const int64_t epp = plo + threadIdx.x % PC;
+  const float Dv = MODE != kLocal && epp < P ? D_at(p, a.h, epp) : 0.f;
 
   float s[kPPT][NPT], prod[NPT];
 #pragma unroll
@@ -301,12 +404,16 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void chunk_kernel(IssmParams p, 
                      : 0.f;
 
   for (int64_t t0 = c0; t0 < c1; t0 += kTS) {
-    __syncthreads();  // the previous block's reads of st are done
-    stage_block<T, NT, false>(p, nullptr, st, a.row, a.h, t0, c1, nlo, plo, PC);
+    __syncthreads();  // the previous block's reads of st are done (first: sA, sbias, events written)
+    commit_block<T, NT>(p, r, st, sA, sbias, a.row, a.h, g, t0, c1, nlo, PC);
+    const float zv = float(r.z);
     __syncthreads();
-#pragma unroll
+    if (t0 + kTS < c1) prefetch_block<T, NT, MODE != kLocal>(p, r, a.row, a.h, g, t0 + kTS, c1, nlo, plo, PC);
+    // Not unrolled: the step body (with its rare reset and final-state paths) unrolled 8 times
+    // made the kernel ~140-170 KB of code, beyond the instruction cache.
+#pragma unroll 1
     for (int ts = 0; ts < kTS; ++ts) {
-      const int start = st.start[ts];
+      const int start = t0 + ts < c1 ? ev_start[t0 - c0 + ts] : -2;
       if (start != -2) {  // uniform over the CTA
 #pragma unroll
         for (int jn = 0; jn < NPT; ++jn) prod[jn] = 0.f;
@@ -343,7 +450,7 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void chunk_kernel(IssmParams p, 
         if ((lane & 7) == 0) st.y[ts][warp * kPPT + scatter_index4(lane)] = y;
       }
       if constexpr (MODE == kOut) {
-        const int end = st.end[ts];
+        const int end = t0 + ts < c1 ? ev_end[t0 - c0 + ts] : -1;
         if (end >= 0 && p.final_states.ptr) {
           float* f = static_cast<float*>(p.final_states.ptr);
 #pragma unroll
@@ -356,14 +463,13 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void chunk_kernel(IssmParams p, 
     }
     if constexpr (MODE != kLocal) {
       __syncthreads();
-      for (int i = threadIdx.x; i < kTS * PC; i += blockDim.x) {
-        const int ts = i / PC, j = i % PC;
-        const int64_t t = t0 + ts, pp = plo + j;
-        if (t >= c1 || pp >= P) continue;
+      const int64_t t = t0 + ets;
+      if (t < c1 && epp < P) {
+        const float y = st.y[ets][threadIdx.x % PC];
         if (tl.ntn > 1) {
-          bufs.ypart[((a.tn * tl.nrows + a.row) * p.seqlen + t) * p.nheads * P + a.h * P + pp] = st.y[ts][j];
+          bufs.ypart[((a.tn * tl.nrows + a.row) * p.seqlen + t) * p.nheads * P + a.h * P + epp] = y;
         } else {
-          emit_y<T, MODE>(p, bufs, a.row, t, a.h, pp, st.y[ts][j], st.x[ts][j]);
+          emit_y<T, MODE>(p, bufs, a.row, t, a.h, epp, y, st.x[ets][threadIdx.x % PC], Dv, zv);
         }
       }
     }
@@ -412,7 +518,8 @@ __global__ __launch_bounds__(256) void ypart_kernel(IssmParams p, Tiling tl, Buf
   float y = 0.f;
   for (int tn = 0; tn < tl.ntn; ++tn) y += bufs.ypart[tn * per_tile + e];
   const float xv = float(static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)]);
-  emit_y<T, MODE>(p, bufs, row, t, h, pp, y, xv);
+  const float zv = p.z.ptr ? float(static_cast<const T*>(p.z.ptr)[p.z.at(row, t, h, pp)]) : 0.f;
+  emit_y<T, MODE>(p, bufs, row, t, h, pp, y, xv, D_at(p, h, pp), zv);
 }
 
 // Empty segments (cu_seqlens with equal offsets, or seqlen 0): forward final := initial (or 0);
