@@ -1,7 +1,8 @@
 """Per-kernel CUDA times of our implementation on the benchmark cases (torch.profiler).
 
-python -m benchmarks.profile --op issm hstu_attn [--case DEST3D] [--mode fwd fwd+bwd] [--reps 5]
+python -m benchmarks.profile --op issm hstu_attn [--case DEST3D] [--mode fwd fwd+bwd] [--reps 5] [--plain]
 Prints, for each selected case and mode, the kernels sorted by total CUDA time over --reps steps.
+--plain runs the same steps without torch.profiler, for an outside profiler (ncu, nsys).
 """
 import argparse
 import importlib
@@ -19,6 +20,7 @@ def main():
     ap.add_argument("--mode", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=15, help="kernels listed per case")
+    ap.add_argument("--plain", action="store_true", help="no torch.profiler (run under ncu or nsys)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     for family in FAMILIES:
@@ -43,6 +45,11 @@ def main():
                 for _ in range(3):  # warm-up: first-call allocations and lazy initialisation
                     step()
                 torch.cuda.synchronize()
+                if args.plain:
+                    for _ in range(args.reps):
+                        step()
+                    torch.cuda.synchronize()
+                    continue
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(args.reps):
                         step()

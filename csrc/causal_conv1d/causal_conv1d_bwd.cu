@@ -121,12 +121,18 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
           const int sm = !kHasSeq ? 0 : (m < E ? sq[W - 1 + m] : sqr[m - E]);
           acc += (sm == si) ? w[k] * dz[m] : 0.f;
         }
-        const int64_t j = t + i - L + W - 1;
-        if (j >= 0 && si == s_last) acc += state_at<T, float>(p.dfinal_states, b, d, j);
         dx[i] = acc;
 #pragma unroll
         for (int k = 0; k < W; ++k) part[k] += (!kHasSeq || sq[i + k] == si) ? dz[i] * xv[i + k] : 0.f;
         part[W] += dz[i];
+      }
+      // dfinal_states reach the last W-1 steps only: kept out of the per-element path
+      if (t + E > L - (W - 1) && p.dfinal_states.ptr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const int64_t j = t + i - L + W - 1;
+          if (j >= 0 && (!kHasSeq || sq[W - 1 + i] == s_last)) dx[i] += state_at<T, float>(p.dfinal_states, b, d, j);
+        }
       }
       store_vec(dx_row + t, dx);
       if (t == 0 && p.dinitial_states.ptr != nullptr) {
