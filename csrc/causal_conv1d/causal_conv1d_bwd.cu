@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "causal_conv1d/causal_conv1d.h"
 #include "causal_conv1d/causal_conv1d_cuda.cuh"
 #include "causal_conv1d/causal_conv1d_math.h"
@@ -40,15 +42,38 @@ __device__ __forceinline__ void write_block_partial(const ConvParams& p, int64_t
   }
 }
 
+// d silu(v) / dv. For 16-bit dx the sigmoid comes from one tanh.approx (relative error about
+// 2^-11, below their rounding) instead of an exp and a reciprocal: the kernel is issue-bound.
+template <typename T>
+__device__ __forceinline__ float dsilu_io(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dsilu_f(v);
+  } else {
+    const float s = fmaf(0.5f, mma::tanh_approx(0.5f * v), 0.5f);
+    return s * (1.f + v * (1.f - s));
+  }
+}
+
+// a[i] for a lane-dependent i in [0, K), by selects (a dynamic index would go to local memory).
+template <int K, typename V>
+__device__ __forceinline__ V pick(const V* a, int i) {
+  V r = a[0];
+#pragma unroll
+  for (int m = 1; m < K; ++m) r = i == m ? a[m] : r;
+  return r;
+}
+
 // ---- channel-first: one block per row (see CfLoads). The W-1 dz values after a thread's
-// vector come from the next lane by shuffle; lane 31 computes them from the next vectors.
+// vector come from the next lane by shuffle; lane 31's from lanes 0 .. W-2, which compute them
+// from the vectors after the warp's.
 // dweight/dbias accumulate over the row and are reduced once, so the partials are per batch.
 template <typename T, int W, bool kHasSeq>
 __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
   constexpr int E = kVecElems<T>;
   constexpr int64_t kChunk = int64_t(kCfThreads) * E;
   const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
-  const bool last_lane = (threadIdx.x & 31) == 31;
+  const int lane = threadIdx.x & 31;
+  const bool last_lane = lane == 31;
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
   const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + d * p.dout.sd;
   const int* seq = p.seq_idx + b * L;
@@ -84,28 +109,51 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 #pragma unroll
       for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
       const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : unpack_one<T>(cur.g[0], i);
-      dz[i] = p.silu ? gi * dsilu_f(pre) : gi;
+      dz[i] = p.silu ? gi * dsilu_io<T>(pre) : gi;
     }
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {
       dz[E + j] = __shfl_down_sync(0xffffffffu, dz[j], 1);
       sqr[j] = kHasSeq ? __shfl_down_sync(0xffffffffu, sq[W - 1 + j], 1) : 0;
     }
-    if (last_lane) {  // the next warp's first steps (0 past the end: x_next, g_next are 0)
+    // dz at the W-1 steps after the warp (T, the next warp's first steps; 0 past the end, where
+    // x_next and g_next are 0): lane j < W-1 computes dz(T + j) from lane 31's last x and the
+    // vectors at T, and lane 31 collects them (one dz per lane instead of W-1 on lane 31).
+    float win[2 * (W - 1)];  // x(T-(W-1)) .. x(T+W-2)
+    int wsq[kHasSeq ? 2 * (W - 1) : 1];
 #pragma unroll
-      for (int j = 0; j < W - 1; ++j) {
-        const int st = kHasSeq ? cur.s_next[j] : 0;
-        float pre = bias;
+    for (int k = 0; k < W - 1; ++k) {
+      win[k] = __shfl_sync(0xffffffffu, xv[E + k], 31);
+      win[W - 1 + k] = unpack_one<T>(cur.x_next, k);
+      if (kHasSeq) {
+        wsq[k] = __shfl_sync(0xffffffffu, sq[E + k], 31);
+        wsq[W - 1 + k] = cur.s_next[k];
+      }
+    }
+    float dz_after = 0.f;
+    int sq_after = 0;
+    if (lane < W - 1) {  // dz(T + lane): window win[lane + k], k < W
+      const int st = kHasSeq ? pick<W - 1>(wsq + W - 1, lane) : 0;
+      float pre = bias;
 #pragma unroll
-        for (int k = 0; k < W; ++k) {
-          const int m = E + j - (W - 1) + k;  // position relative to t
-          const float xm = m < E ? xv[W - 1 + m] : unpack_one<T>(cur.x_next, m - E);
-          const int sm = !kHasSeq ? 0 : (m < E ? sq[W - 1 + m] : cur.s_next[m - E]);
-          pre += (sm == st) ? w[k] * xm : 0.f;
-        }
-        const float gj = (kHasSeq && st < 0) ? 0.f : unpack_one<T>(cur.g_next, j);
-        dz[E + j] = p.silu ? gj * dsilu_f(pre) : gj;
-        sqr[j] = st;
+      for (int k = 0; k < W; ++k) {
+        const int sm = kHasSeq ? pick<W - 1>(wsq + k, lane) : 0;
+        pre += (sm == st) ? w[k] * pick<W - 1>(win + k, lane) : 0.f;
+      }
+      float gn[W - 1];
+#pragma unroll
+      for (int k = 0; k < W - 1; ++k) gn[k] = unpack_one<T>(cur.g_next, k);
+      const float gj = (kHasSeq && st < 0) ? 0.f : pick<W - 1>(gn, lane);
+      dz_after = p.silu ? gj * dsilu_io<T>(pre) : gj;
+      sq_after = st;
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      const float v = __shfl_sync(0xffffffffu, dz_after, j);
+      const int sv = kHasSeq ? __shfl_sync(0xffffffffu, sq_after, j) : 0;
+      if (last_lane) {
+        dz[E + j] = v;
+        sqr[j] = sv;
       }
     }
 

@@ -114,8 +114,8 @@ __device__ __forceinline__ void load_weights_fixed(const P& p, int64_t d, float 
 // steps, N = kVecs * E consecutive steps per thread (kVecs 16-byte vectors). CfLoads is
 // what a thread reads for one chunk, raw, so that the next chunk's loads are in flight
 // while the current one is computed: its vectors (zeros past L), lane 0 the vector before
-// them, and in the backward lane 31 the vectors after them (x and dout), whose first W-1
-// steps belong to the next warp.
+// them, and in the backward lanes 0 .. W-2 the vectors after the warp's (x and dout), whose
+// first W-1 steps belong to the next warp.
 template <typename T, int W, bool kHasSeq, int kVecs = 1>
 struct CfLoads {
   static constexpr int E = kVecElems<T>, N = E * kVecs;
@@ -160,13 +160,14 @@ __device__ __forceinline__ void cf_load_neighbours(const ConvParams& p, const T*
 #pragma unroll
       for (int j = 0; j < W - 1; ++j) c.s_prev[j] = seq[t - (W - 1) + j];
   }
-  if (kBwd && lane == 31) {
-    const bool next = t + N < L;  // then all E next steps exist (L % E == 0)
-    c.x_next = next ? load_raw(x + t + N) : zero;
-    c.g_next = next ? load_raw(g + t + N) : zero;
+  if (kBwd && lane < W - 1) {
+    const int64_t tn = t + int64_t(32 - lane) * N;  // the step after the warp's vectors
+    const bool next = tn < L;                      // then all E next steps exist (L % E == 0)
+    c.x_next = next ? load_raw(x + tn) : zero;
+    c.g_next = next ? load_raw(g + tn) : zero;
     if (kHasSeq)
 #pragma unroll
-      for (int j = 0; j < W - 1; ++j) c.s_next[j] = next ? seq[t + N + j] : -1;
+      for (int j = 0; j < W - 1; ++j) c.s_next[j] = next ? seq[tn + j] : -1;
   }
 }
 
