@@ -67,21 +67,22 @@ __device__ __forceinline__ V pick(const V* a, int i) {
 // vector come from the next lane by shuffle; lane 31's from lanes 0 .. W-2, which compute them
 // from the vectors after the warp's.
 // dweight/dbias accumulate over the row and are reduced once, so the partials are per batch.
-template <typename T, int W, bool kHasSeq>
+template <typename T, int W, bool kHasSeq, bool kSilu>
 __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
   constexpr int E = kVecElems<T>;
-  constexpr int64_t kChunk = int64_t(kCfThreads) * E;
-  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
+  constexpr int kChunk = kCfThreads * E;
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim;
+  const int L = static_cast<int>(p.seqlen);
   const int lane = threadIdx.x & 31;
   const bool last_lane = lane == 31;
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
   const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.sb + d * p.dout.sd;
-  const int* seq = p.seq_idx + b * L;
+  const int* seq = p.seq_idx + b * p.seqlen;
   T* dx_row = static_cast<T*>(p.dx.ptr) + b * p.dx.sb + d * p.dx.sd;
 
   CfLoads<T, W, kHasSeq> cur;
-  cf_load_own<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
-  cf_load_neighbours<T, W, kHasSeq, true>(p, x, dout, seq, int64_t(threadIdx.x) * E, cur);
+  cf_load_own<T, W, kHasSeq, true>(p, x, dout, seq, int(threadIdx.x) * E, cur);
+  cf_load_neighbours<T, W, kHasSeq, true>(p, x, dout, seq, int(threadIdx.x) * E, cur);
   float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
 #pragma unroll
@@ -91,8 +92,8 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 #pragma unroll
   for (int k = 0; k <= W; ++k) part[k] = 0.f;
 
-  for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-    const int64_t t = c0 + int64_t(threadIdx.x) * E;
+  for (int c0 = 0; c0 < L; c0 += kChunk) {
+    const int t = c0 + int(threadIdx.x) * E;
     CfLoads<T, W, kHasSeq> nxt;  // the next chunk, loaded while this one is computed
     cf_load_own<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
     cf_load_neighbours<T, W, kHasSeq, true>(p, x, dout, seq, t + kChunk, nxt);
@@ -109,7 +110,7 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 #pragma unroll
       for (int k = 0; k < W; ++k) pre += (!kHasSeq || sq[i + k] == sq[W - 1 + i]) ? w[k] * xv[i + k] : 0.f;
       const float gi = (kHasSeq && sq[W - 1 + i] < 0) ? 0.f : unpack_one<T>(cur.g[0], i);
-      dz[i] = p.silu ? gi * dsilu_io<T>(pre) : gi;
+      dz[i] = kSilu ? gi * dsilu_io<T>(pre) : gi;
     }
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {
@@ -144,7 +145,7 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
 #pragma unroll
       for (int k = 0; k < W - 1; ++k) gn[k] = unpack_one<T>(cur.g_next, k);
       const float gj = (kHasSeq && st < 0) ? 0.f : pick<W - 1>(gn, lane);
-      dz_after = p.silu ? gj * dsilu_io<T>(pre) : gj;
+      dz_after = kSilu ? gj * dsilu_io<T>(pre) : gj;
       sq_after = st;
     }
 #pragma unroll
@@ -178,7 +179,7 @@ __global__ __launch_bounds__(kCfThreads, 8) void bwd_cf_kernel(ConvParams p) {
       if (t + E > L - (W - 1) && p.dfinal_states.ptr != nullptr) {
 #pragma unroll
         for (int i = 0; i < E; ++i) {
-          const int64_t j = t + i - L + W - 1;
+          const int j = t + i - L + W - 1;
           if (j >= 0 && (!kHasSeq || sq[W - 1 + i] == s_last)) dx[i] += state_at<T, float>(p.dfinal_states, b, d, j);
         }
       }
@@ -446,7 +447,10 @@ void launch_bwd(ConvParams& p, BwdArgs& a, at::Tensor& dweight_part, at::Tensor&
     alloc_param_partials(a, p.batch, dweight_part, dbias_part);
     width_switch(W, [&](auto kW) {
       bool_switch(p.seq_idx != nullptr, [&](auto kSeq) {
-        bwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value><<<rows, kCfThreads, 0, stream>>>(a.p);
+        bool_switch(p.silu, [&](auto kSilu) {
+          bwd_cf_kernel<T, decltype(kW)::value, decltype(kSeq)::value, decltype(kSilu)::value>
+              <<<rows, kCfThreads, 0, stream>>>(a.p);
+        });
       });
     });
   } else if (use_cl_fast_path<T>(p, {p.x, p.dout, p.dx})) {

@@ -55,7 +55,7 @@ void update_width_switch(int64_t w, F&& f) {
 template <typename T>
 bool use_cf_fast_path(const ConvParams& p, std::initializer_list<View3> views) {
   constexpr int E = kVecElems<T>;
-  if (p.channel_last || p.width > 4 || p.seqlen % E != 0) return false;
+  if (p.channel_last || p.width > 4 || p.seqlen % E != 0 || p.seqlen > (int64_t(1) << 30)) return false;
   for (const View3& v : views)
     if (v.sl != 1 || v.sd % E || v.sb % E || !aligned16(v.ptr)) return false;
   return true;
@@ -115,7 +115,7 @@ __device__ __forceinline__ void load_weights_fixed(const P& p, int64_t d, float 
 // what a thread reads for one chunk, raw, so that the next chunk's loads are in flight
 // while the current one is computed: its vectors (zeros past L), lane 0 the vector before
 // them, and in the backward lanes 0 .. W-2 the vectors after the warp's (x and dout), whose
-// first W-1 steps belong to the next warp.
+// first W-1 steps belong to the next warp. Positions within a row are 32-bit (use_cf_fast_path).
 template <typename T, int W, bool kHasSeq, int kVecs = 1>
 struct CfLoads {
   static constexpr int E = kVecElems<T>, N = E * kVecs;
@@ -126,13 +126,14 @@ struct CfLoads {
 // The thread's own vectors (x, and dout in the backward) and seq ids.
 template <typename T, int W, bool kHasSeq, bool kBwd, int kVecs>
 __device__ __forceinline__ void cf_load_own(const ConvParams& p, const T* x, const T* g, const int* seq,
-                                            int64_t t, CfLoads<T, W, kHasSeq, kVecs>& c) {
+                                            int t, CfLoads<T, W, kHasSeq, kVecs>& c) {
   constexpr int E = kVecElems<T>;
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int L = static_cast<int>(p.seqlen);
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    const int64_t tv = t + v * E;
-    const bool in = tv < p.seqlen;
+    const int tv = t + v * E;
+    const bool in = tv < L;
     c.x[v] = in ? load_raw(x + tv) : zero;
     if (kBwd) c.g[v] = in ? load_raw(g + tv) : zero;
     if (kHasSeq) {
@@ -149,10 +150,10 @@ __device__ __forceinline__ void cf_load_own(const ConvParams& p, const T* x, con
 // The neighbours' vectors: lane 0 the one before, lane 31 (backward) the ones after.
 template <typename T, int W, bool kHasSeq, bool kBwd, int kVecs>
 __device__ __forceinline__ void cf_load_neighbours(const ConvParams& p, const T* x, const T* g, const int* seq,
-                                                   int64_t t, CfLoads<T, W, kHasSeq, kVecs>& c) {
+                                                   int t, CfLoads<T, W, kHasSeq, kVecs>& c) {
   constexpr int E = kVecElems<T>, N = E * kVecs;
   const int lane = threadIdx.x & 31;
-  const int64_t L = p.seqlen;
+  const int L = static_cast<int>(p.seqlen);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   if (lane == 0 && t > 0 && t < L) {
     c.x_prev = load_raw(x + t - E);
@@ -161,8 +162,8 @@ __device__ __forceinline__ void cf_load_neighbours(const ConvParams& p, const T*
       for (int j = 0; j < W - 1; ++j) c.s_prev[j] = seq[t - (W - 1) + j];
   }
   if (kBwd && lane < W - 1) {
-    const int64_t tn = t + int64_t(32 - lane) * N;  // the step after the warp's vectors
-    const bool next = tn < L;                      // then all E next steps exist (L % E == 0)
+    const int tn = t + (32 - lane) * N;  // the step after the warp's vectors
+    const bool next = tn < L;           // then all E next steps exist (L % E == 0)
     c.x_next = next ? load_raw(x + tn) : zero;
     c.g_next = next ? load_raw(g + tn) : zero;
     if (kHasSeq)
@@ -174,7 +175,7 @@ __device__ __forceinline__ void cf_load_neighbours(const ConvParams& p, const T*
 // xv[W-1+i] = x(t+i) for i < N, xv[j] = xe(t-(W-1)+j); sq likewise for seq(.). init: the
 // row's initial states (thread 0 only). Every lane must call this (shuffles).
 template <typename T, int W, bool kHasSeq, int kVecs>
-__device__ __forceinline__ void cf_window(const CfLoads<T, W, kHasSeq, kVecs>& c, int64_t t, const float* init,
+__device__ __forceinline__ void cf_window(const CfLoads<T, W, kHasSeq, kVecs>& c, int t, const float* init,
                                           float* xv, int* sq) {
   constexpr int E = kVecElems<T>, N = E * kVecs;
 #pragma unroll

@@ -19,22 +19,23 @@ namespace {
 template <typename T, int W, bool kHasSeq, int kVecs>
 __global__ __launch_bounds__(kCfThreads) void fwd_cf_kernel(ConvParams p) {
   constexpr int E = kVecElems<T>, N = E * kVecs;
-  constexpr int64_t kChunk = int64_t(kCfThreads) * N;
-  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim, L = p.seqlen;
+  constexpr int kChunk = kCfThreads * N;
+  const int64_t row = blockIdx.x, b = row / p.dim, d = row % p.dim;
+  const int L = static_cast<int>(p.seqlen);
   const T* x = static_cast<const T*>(p.x.ptr) + b * p.x.sb + d * p.x.sd;
-  const int* seq = p.seq_idx + b * L;
+  const int* seq = p.seq_idx + b * p.seqlen;
   T* o = static_cast<T*>(p.out.ptr) + b * p.out.sb + d * p.out.sd;
 
   CfLoads<T, W, kHasSeq, kVecs> cur;
-  cf_load_own<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * N, cur);
-  cf_load_neighbours<T, W, kHasSeq, false>(p, x, nullptr, seq, int64_t(threadIdx.x) * N, cur);
+  cf_load_own<T, W, kHasSeq, false>(p, x, nullptr, seq, int(threadIdx.x) * N, cur);
+  cf_load_neighbours<T, W, kHasSeq, false>(p, x, nullptr, seq, int(threadIdx.x) * N, cur);
   float w[W], bias, init[W - 1];
   load_weights_fixed<W>(p, d, w, bias);
 #pragma unroll
   for (int j = 0; j < W - 1; ++j) init[j] = threadIdx.x == 0 ? state_at<T, float>(p.initial_states, b, d, j) : 0.f;
 
-  for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-    const int64_t t = c0 + int64_t(threadIdx.x) * N;
+  for (int c0 = 0; c0 < L; c0 += kChunk) {
+    const int t = c0 + int(threadIdx.x) * N;
     CfLoads<T, W, kHasSeq, kVecs> nxt;  // the next chunk, loaded while this one is computed
     cf_load_own<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
     cf_load_neighbours<T, W, kHasSeq, false>(p, x, nullptr, seq, t + kChunk, nxt);
