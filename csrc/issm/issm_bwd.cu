@@ -13,7 +13,8 @@
 //   5. finish_n_kernel: per (row, 16 steps, group, 128 states): ddt (through the clamp mask and
 //      softplus), dB = delta dk and dC summed over the group's heads in order, partials of dA
 //      and ddt_bias. finish_p_kernel: dx = D gy + the n-tile partials in order, partials of dD.
-//      params_kernel: dA, ddt_bias, dD summed over the partials in order.
+//      colsum_kernel: dA, ddt_bias, dD summed over the partials in a fixed order; params_kernel:
+//      stored in their dtypes (per-head shapes by a fixed tree).
 // No atomics; every sum has a fixed order: the gradients are bitwise reproducible.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -39,9 +40,11 @@ struct BwdBufs {
   float* adj;     // adjoint at chunk ends (nrows, nchunks, H, P, N)
   float* dxpart;  // (ntn, nrows, L, H, P)
   float* nred;    // (3, ntp, nrows, L, H, N): dk, dlog, dC summed over a p-tile
-  float* dA_part;     // (nrows * ntb, H, N)
-  float* dbias_part;  // (nrows * ntb, H, N)
-  float* dD_part;     // (nrows * ntb, H, P)
+  // (nrows * ntb, ncols) partials of the parameter gradients per (row, block of kTB steps), in
+  // columns [0, HN) dA (h, n), [HN, 2 HN) ddt_bias (h, n), [2 HN, ncols) dD (h, p); then their sums
+  float* parts;
+  float* sums;  // (ncols)
+  int64_t ncols;
   int64_t ntb;
 };
 
@@ -288,9 +291,9 @@ __global__ __launch_bounds__(128) void finish_n_kernel(IssmParams p, Tiling tl, 
       accB[i] += dk * delta;
       accC[i] += dc;
     }
-    const int64_t part = ((row * bb.ntb + tb) * H + h) * N + n;
-    bb.dA_part[part] = dAp;
-    bb.dbias_part[part] = dbp;
+    float* part = bb.parts + (row * bb.ntb + tb) * bb.ncols + h * N + n;
+    part[0] = dAp;
+    part[H * N] = dbp;
   }
 #pragma unroll
   for (int i = 0; i < kTB; ++i) {
@@ -322,7 +325,36 @@ __global__ __launch_bounds__(256) void finish_p_kernel(IssmParams p, Tiling tl, 
       static_cast<T*>(p.dx.ptr)[p.dx.at(row, t, h, pp)] = T(dx);
       dDp = fmaf(gy, float(static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)]), dDp);
     }
-    bb.dD_part[(row * bb.ntb + tb) * HP + e] = dDp;
+    bb.parts[(row * bb.ntb + tb) * bb.ncols + 2 * H * p.dstate + e] = dDp;
+  }
+}
+
+// Step 5c. sums[col] = the partials of column col summed over the nparts rows in a fixed order (the
+// warps' contiguous slices of rows, each in order, then the slices in order). CTA = 8 warps x 32
+// columns; each warp keeps kColB loads in flight.
+constexpr int kColB = 8;
+__global__ __launch_bounds__(256) void colsum_kernel(BwdBufs bb, int64_t nparts) {
+  __shared__ float sm[8][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.x) * 32 + lane;
+  const int64_t per = (nparts + 7) / 8, k0 = warp * per, k1 = std::min(nparts, k0 + per);
+  float sum = 0.f;
+  if (col < bb.ncols) {
+    for (int64_t k = k0; k < k1; k += kColB) {
+      float v[kColB];
+#pragma unroll
+      for (int i = 0; i < kColB; ++i) v[i] = k + i < k1 ? bb.parts[(k + i) * bb.ncols + col] : 0.f;
+#pragma unroll
+      for (int i = 0; i < kColB; ++i) sum += v[i];
+    }
+  }
+  sm[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && col < bb.ncols) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) t += sm[w][lane];
+    bb.sums[col] = t;
   }
 }
 
@@ -339,26 +371,23 @@ __device__ float block_sum(float v, float* sm) {
   return r;
 }
 
-// Step 5c. CTA per head: dA, ddt_bias, dD summed over the (row, step-block) partials in order.
-__global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb, int64_t nparts) {
+// Step 5d. CTA per head: dA, ddt_bias, dD from the column sums in their dtypes; per-head dt_bias and
+// D sum theirs over n or p by a fixed tree.
+__global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb) {
   __shared__ float sm[256];
   const int64_t h = blockIdx.x, H = p.nheads, N = p.dstate, P = p.headdim;
+  const float* sA = bb.sums + h * N;
+  const float* sb = bb.sums + H * N + h * N;
+  const float* sD = bb.sums + 2 * H * N + h * P;
   float bias_head = 0.f, D_head = 0.f;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    float sa = 0.f, sb = 0.f;
-    for (int64_t k = 0; k < nparts; ++k) {
-      sa += bb.dA_part[(k * H + h) * N + n];
-      sb += bb.dbias_part[(k * H + h) * N + n];
-    }
-    store_as(p.dA.ptr, p.A_dtype, p.dA.at(h, n), sa);
-    if (p.ddt_bias.ptr && !p.dt_bias_per_head) store_as(p.ddt_bias.ptr, p.dt_bias_dtype, p.ddt_bias.at(h, n), sb);
-    bias_head += sb;
+    store_as(p.dA.ptr, p.A_dtype, p.dA.at(h, n), sA[n]);
+    if (p.ddt_bias.ptr && !p.dt_bias_per_head) store_as(p.ddt_bias.ptr, p.dt_bias_dtype, p.ddt_bias.at(h, n), sb[n]);
+    bias_head += sb[n];
   }
   for (int64_t pp = threadIdx.x; pp < P; pp += blockDim.x) {
-    float sd = 0.f;
-    for (int64_t k = 0; k < nparts; ++k) sd += bb.dD_part[(k * H + h) * P + pp];
-    if (p.dD.ptr && !p.D_per_head) store_as(p.dD.ptr, p.D_dtype, p.dD.at(h, pp), sd);
-    D_head += sd;
+    if (p.dD.ptr && !p.D_per_head) store_as(p.dD.ptr, p.D_dtype, p.dD.at(h, pp), sD[pp]);
+    D_head += sD[pp];
   }
   if (p.ddt_bias.ptr && p.dt_bias_per_head) {
     const float s = block_sum(bias_head, sm);
@@ -382,8 +411,8 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   at::Tensor prod = buf(R * tf.nchunks * H * N), gy = buf(R * L * H * P);
   at::Tensor ypart = tf.ntn > 1 ? buf(tf.ntn * R * L * H * P) : at::Tensor();
   at::Tensor dxpart = buf(tb.ntn * R * L * H * P), nred = buf(3 * tb.ntp * R * L * H * N);
-  at::Tensor dA_part = buf(R * ntb * H * N), dbias_part = buf(R * ntb * H * N);
-  at::Tensor dD_part = buf(R * ntb * H * P);
+  const int64_t ncols = 2 * H * N + H * P;
+  at::Tensor parts = buf(R * ntb * ncols), sums = buf(ncols);
 
   Bufs fb;
   fb.states = states.data_ptr<float>();
@@ -397,9 +426,9 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   bb.adj = adj.data_ptr<float>();
   bb.dxpart = dxpart.data_ptr<float>();
   bb.nred = nred.data_ptr<float>();
-  bb.dA_part = dA_part.data_ptr<float>();
-  bb.dbias_part = dbias_part.data_ptr<float>();
-  bb.dD_part = dD_part.data_ptr<float>();
+  bb.parts = parts.data_ptr<float>();
+  bb.sums = sums.data_ptr<float>();
+  bb.ncols = ncols;
   bb.ntb = ntb;
 
   if (tf.ctas() > 0) {
@@ -424,7 +453,9 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
     finish_p_kernel<T><<<static_cast<unsigned>(R * ntb), 256, 0, stream>>>(p, tb, bb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  params_kernel<<<static_cast<unsigned>(H), 256, 0, stream>>>(p, bb, tf.ctas() > 0 ? R * ntb : 0);
+  colsum_kernel<<<blocks_for(ncols, 32), 256, 0, stream>>>(bb, tf.ctas() > 0 ? R * ntb : 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  params_kernel<<<static_cast<unsigned>(H), 256, 0, stream>>>(p, bb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.dinitial_states.ptr && (p.cu_seqlens || L == 0) && p.nseq > 0) {
     empty_segments_kernel<true><<<blocks_for(p.nseq * H * P * N, 256), 256, 0, stream>>>(p);

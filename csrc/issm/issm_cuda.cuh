@@ -509,21 +509,38 @@ __global__ SSM_EXT_MAXNREG(112) void chunk_kernel(IssmParams p, Tiling tl, Bufs 
 }
 
 // Phase B: forward, buf[c] := state entering chunk c; reverse (adjoint), buf[c] := adjoint at
-// the end of chunk c coming from later chunks. One thread per (row, h, p, n).
+// the end of chunk c coming from later chunks. One thread per (row, h, p, n). The loads of kPassB
+// chunks are issued before any of their stores (they do not depend on S): one memory latency per
+// kPassB chunks instead of per chunk.
+constexpr int kPassB = 8;
 template <bool kReverse>
-__global__ __launch_bounds__(256) void pass_kernel(IssmParams p, Tiling tl, float* buf, const float* prod) {
-  const int64_t PN = p.headdim * p.dstate;
+__global__ __launch_bounds__(256) void pass_kernel(IssmParams p, Tiling tl, float* __restrict__ buf,
+                                                   const float* __restrict__ prod) {
+  const int64_t N = p.dstate, PN = p.headdim * N, HPN = p.nheads * PN;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= int64_t(tl.nrows) * p.nheads * PN) return;
-  const int64_t row = e / (p.nheads * PN), rem = e % (p.nheads * PN);
-  const int64_t h = rem / PN, pn = rem % PN, pp = pn / p.dstate, n = pn % p.dstate;
+  if (e >= tl.nrows * HPN) return;
+  const int64_t row = e / HPN, h = (e % HPN) / PN, pn = e % PN;
+  float* b = buf + state_index(p, tl, row, 0, h, 0, pn);          // chunk c at b[c * HPN]
+  const float* pr = prod + prod_index(p, tl, row, 0, h, pn % N);  // chunk c at pr[c * H * N]
+  const int64_t HN = p.nheads * N;
+  const int nc = tl.nchunks;
   float S = 0.f;
-  for (int64_t i = 0; i < tl.nchunks; ++i) {
-    const int64_t c = kReverse ? tl.nchunks - 1 - i : i;
-    const int64_t si = state_index(p, tl, row, c, h, pp, n);
-    const float loc = buf[si], pr = prod[prod_index(p, tl, row, c, h, n)];
-    buf[si] = S;
-    S = fmaf(pr, S, loc);
+  for (int i0 = 0; i0 < nc; i0 += kPassB) {
+    float loc[kPassB], dec[kPassB];
+#pragma unroll
+    for (int i = 0; i < kPassB; ++i) {
+      const int c = kReverse ? nc - 1 - (i0 + i) : i0 + i;
+      loc[i] = i0 + i < nc ? b[c * HPN] : 0.f;
+      dec[i] = i0 + i < nc ? pr[c * HN] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kPassB; ++i) {
+      const int c = kReverse ? nc - 1 - (i0 + i) : i0 + i;
+      if (i0 + i < nc) {
+        b[c * HPN] = S;
+        S = fmaf(dec[i], S, loc[i]);
+      }
+    }
   }
 }
 
