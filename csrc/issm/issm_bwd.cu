@@ -6,10 +6,11 @@
 //      added at segment ends), walking the chunk in reverse from 0.
 //   3. pass_kernel<reverse>: the adjoint at the end of each chunk from all later chunks.
 //   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), the forward states of the chunk
-//      are recomputed (boundaries every kTS steps in shared memory, a kTS-step history in registers)
-//      and the chunk walked in reverse: dx partials (over this n-tile, a lane reduce-scatter),
-//      and per (t, n) sums over the CTA's p of dk = dS^T x, dlog = (dS . s_{t-1}) decay and
-//      dC = s_t^T gy (warp partials summed over warps in order); dinitial_states at segment starts.
+//      are recomputed (block boundaries every kTS steps, then a block's step history, in shared
+//      memory) and the chunk walked in reverse: dx partials (over this n-tile, a lane
+//      reduce-scatter per block), and per (t, n) sums over the CTA's p of dk = dS^T x,
+//      dlog = (dS . s_{t-1}) decay and dC = s_t^T gy (warp partials summed over warps in order);
+//      dinitial_states at segment starts.
 //   5. finish_n_kernel: per (row, 16 steps, group, 128 states): ddt (through the clamp mask and
 //      softplus), dB = delta dk and dC summed over the group's heads in order, partials of dA
 //      and ddt_bias. finish_p_kernel: dx = D gy + the n-tile partials in order, partials of dD.
@@ -30,7 +31,7 @@ namespace issm {
 namespace {
 
 constexpr int kBwdChunk = 64;
-constexpr int kSub = kBwdChunk / kTS;  // sub-blocks per chunk
+constexpr int kSub = kBwdChunk / kTS;  // blocks per chunk
 constexpr int kTB = 16;                // steps per CTA in the finishing kernels
 
 struct BwdBufs {
@@ -51,7 +52,7 @@ struct BwdBufs {
 // Step 2. Tiling as chunk_kernel (NPT up to 8); the chunk's blocks go through the same staging
 // pipeline, last block first.
 template <typename T, int NPT>
-__global__ SSM_EXT_MAXNREG(112) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+__global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   constexpr int NT = 32 * NPT;
   __shared__ Stage<NT> st;
   __shared__ float sA[NT], sbias[NT];
@@ -111,8 +112,8 @@ __global__ SSM_EXT_MAXNREG(112) void adj_local_kernel(IssmParams p, Tiling tl, B
 // the dx terms stay in registers for the block and are summed over the lanes once per block (a
 // 32-value reduce-scatter: 31 shuffles per 8 steps). The loops over a block's steps are unrolled
 // (the history is a register array) with a lean body: the rare events only load or store.
-// Dynamic shared memory (bwd_chunk_smem): 3 * warps * kTS * 32 floats of warp partials, then
-// (kSub + kTS) * kPPT * blockDim floats of states.
+// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials, then (kSub + kTS) * kPPT *
+// blockDim floats of states (111 KB at P = 36: two CTAs per SM).
 template <typename T>
 __global__ SSM_EXT_MAXNREG(96) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   __shared__ Stage<32> st;

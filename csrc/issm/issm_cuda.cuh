@@ -394,7 +394,7 @@ __device__ __forceinline__ float D_at(const IssmParams& p, int64_t h, int64_t pp
 // Phase A (kLocal) and phase C (kOut, kOutBwd); see the file comment. 112 registers: two CTAs of
 // 9 warps (P = 36) per SM.
 template <typename T, int NPT, int MODE>
-__global__ SSM_EXT_MAXNREG(112) void chunk_kernel(IssmParams p, Tiling tl, Bufs bufs) {
+__global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void chunk_kernel(IssmParams p, Tiling tl, Bufs bufs) {
   constexpr int NT = 32 * NPT;
   constexpr int EX = MODE == kLocal ? kNone : kZ;
   __shared__ Stage<NT> st;
