@@ -6,14 +6,16 @@
 //      added at segment ends), walking the chunk in reverse from 0.
 //   3. pass_kernel<reverse>: the adjoint at the end of each chunk from all later chunks.
 //   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), the forward states of the chunk
-//      are recomputed (boundaries every kTS steps in shared memory, a kTS-step history in registers)
-//      and the chunk walked in reverse: dx partials (over this n-tile, a lane reduce-scatter),
-//      and per (t, n) sums over the CTA's p of dk = dS^T x, dlog = (dS . s_{t-1}) decay and
-//      dC = s_t^T gy (warp partials summed over warps in order); dinitial_states at segment starts.
+//      are recomputed (block boundaries every kTS steps, then a block's step history, in shared
+//      memory) and the chunk walked in reverse: dx partials (over this n-tile, a lane
+//      reduce-scatter per block), and per (t, n) sums over the CTA's p of dk = dS^T x,
+//      dlog = (dS . s_{t-1}) decay and dC = s_t^T gy (warp partials summed over warps in order);
+//      dinitial_states at segment starts.
 //   5. finish_n_kernel: per (row, 16 steps, group, 128 states): ddt (through the clamp mask and
 //      softplus), dB = delta dk and dC summed over the group's heads in order, partials of dA
 //      and ddt_bias. finish_p_kernel: dx = D gy + the n-tile partials in order, partials of dD.
-//      params_kernel: dA, ddt_bias, dD summed over the partials in order.
+//      colsum_kernel: dA, ddt_bias, dD summed over the partials in a fixed order; params_kernel:
+//      stored in their dtypes (per-head shapes by a fixed tree).
 // No atomics; every sum has a fixed order: the gradients are bitwise reproducible.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,7 +31,7 @@ namespace issm {
 namespace {
 
 constexpr int kBwdChunk = 64;
-constexpr int kSub = kBwdChunk / kTS;  // sub-blocks per chunk
+constexpr int kSub = kBwdChunk / kTS;  // blocks per chunk
 constexpr int kTB = 16;                // steps per CTA in the finishing kernels
 
 struct BwdBufs {
@@ -39,58 +41,55 @@ struct BwdBufs {
   float* adj;     // adjoint at chunk ends (nrows, nchunks, H, P, N)
   float* dxpart;  // (ntn, nrows, L, H, P)
   float* nred;    // (3, ntp, nrows, L, H, N): dk, dlog, dC summed over a p-tile
-  float* dA_part;     // (nrows * ntb, H, N)
-  float* dbias_part;  // (nrows * ntb, H, N)
-  float* dD_part;     // (nrows * ntb, H, P)
+  // (nrows * ntb, ncols) partials of the parameter gradients per (row, block of kTB steps), in
+  // columns [0, HN) dA (h, n), [HN, 2 HN) ddt_bias (h, n), [2 HN, ncols) dD (h, p); then their sums
+  float* parts;
+  float* sums;  // (ncols)
+  int64_t ncols;
   int64_t ntb;
 };
 
-// Step 2. Layout as chunk_kernel (tiling with NPT up to 8).
+// Step 2. Tiling as chunk_kernel (NPT up to 8); the chunk's blocks go through the same staging
+// pipeline, last block first.
 template <typename T, int NPT>
-__global__ __launch_bounds__(kMaxWarps * 32, 1) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+__global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
   constexpr int NT = 32 * NPT;
   __shared__ Stage<NT> st;
-  const Cta a = decode_cta(tl, blockIdx.x);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int PC = tl.warps * kPPT;
-  const int64_t P = p.headdim, N = p.dstate;
-  const int64_t nlo = a.tn * NT, plo = a.tp * PC;
-  const int64_t pw = plo + warp * kPPT, nl = nlo + lane * NPT;
-  const int64_t c0 = a.c * tl.Tc, c1 = std::min<int64_t>(c0 + tl.Tc, p.seqlen);
-  bool pin[kPPT], nin[NPT];
-#pragma unroll
-  for (int j = 0; j < kPPT; ++j) pin[j] = pw + j < P;
-#pragma unroll
-  for (int j = 0; j < NPT; ++j) nin[j] = nl + j < N;
+  __shared__ float sA[NT], sbias[NT];
+  __shared__ int ev_start[kBwdChunk], ev_end[kBwdChunk];
+  const Tile<NPT> u = make_tile<NPT>(p, tl);
+  const int64_t nb = (u.c1 - u.c0 + kTS - 1) / kTS;
+  Raw<T, 4> r;
+  prefetch_block<T, NPT, 4, kGy>(p, r, bb.gy, u, u.c0 + (nb - 1) * kTS);
+  load_cta_constants<NPT>(p, tl, u, sA, sbias, ev_start, ev_end);
   float dS[kPPT][NPT];
 #pragma unroll
   for (int j = 0; j < kPPT; ++j)
 #pragma unroll
     for (int jn = 0; jn < NPT; ++jn) dS[j][jn] = 0.f;
-  const int64_t nblk = (c1 - c0 + kTS - 1) / kTS;
-  for (int64_t ib = nblk - 1; ib >= 0; --ib) {
-    const int64_t t0 = c0 + ib * kTS;
+  for (int64_t ib = nb - 1; ib >= 0; --ib) {
+    const int64_t t0 = u.c0 + ib * kTS;
+    __syncthreads();  // the previous block's reads of st are done (first: sA, sbias, events written)
+    commit_block<T, NPT, 4, kGy>(p, r, st, sA, sbias, u, t0);
     __syncthreads();
-    stage_block<T, NT, true>(p, bb.gy, st, a.row, a.h, t0, c1, nlo, plo, PC);
-    __syncthreads();
-#pragma unroll
+    if (ib > 0) prefetch_block<T, NPT, 4, kGy>(p, r, bb.gy, u, t0 - kTS);
+#pragma unroll 1
     for (int ts = kTS - 1; ts >= 0; --ts) {
-      if (t0 + ts >= c1) continue;  // uniform
-      const int end = st.end[ts];
+      const int end = ev_end[t0 - u.c0 + ts];
       if (end >= 0 && p.dfinal_states.ptr) {
         const float* df = static_cast<const float*>(p.dfinal_states.ptr);
 #pragma unroll
         for (int j = 0; j < kPPT; ++j)
 #pragma unroll
           for (int jn = 0; jn < NPT; ++jn)
-            if (pin[j] && nin[jn]) dS[j][jn] += df[p.dfinal_states.at(end, a.h, pw + j, nl + jn)];
+            if (u.pin[j] && u.nin[jn]) dS[j][jn] += df[p.dfinal_states.at(end, u.a.h, u.pw + j, u.nl + jn)];
       }
       float dec[NPT], c[NPT];
-      lds<NPT>(&st.dec[ts][lane * NPT], dec);
-      lds<NPT>(&st.C[ts][lane * NPT], c);
-      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][warp * kPPT]);
+      lds<NPT>(&st.dec[ts][u.lane * NPT], dec);
+      lds<NPT>(&st.C[ts][u.lane * NPT], c);
+      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][u.warp * kPPT]);
       const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
-      const bool cut = st.start[ts] != -2;
+      const bool cut = ev_start[t0 - u.c0 + ts] != -2;
 #pragma unroll
       for (int j = 0; j < kPPT; ++j)
 #pragma unroll
@@ -101,164 +100,154 @@ __global__ __launch_bounds__(kMaxWarps * 32, 1) void adj_local_kernel(IssmParams
   for (int j = 0; j < kPPT; ++j)
 #pragma unroll
     for (int jn = 0; jn < NPT; ++jn)
-      if (pin[j] && nin[jn]) bb.adj[state_index(p, tl, a.row, a.c, a.h, pw + j, nl + jn)] = dS[j][jn];
+      if (u.pin[j] && u.nin[jn]) bb.adj[state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, u.nl + jn)] = dS[j][jn];
 }
 
-// Step 4. NPT = 1: lane l owns state n = tn*32 + l; warp w owns p = plo + 4w .. +3. At most 112
-// registers: two CTAs of 288 threads (P = 36) fit an SM; 512 threads (P = 64) still launch.
-// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials (dk, dlog, dC), then
-// kSub * kPPT * blockDim floats of sub-block boundary states (each thread its own column).
+// Step 4. CTA = (row, h, chunk, p-tile, 32-state n-tile): warp w owns p = pw .. pw + 3, lane l the
+// state n = nlo + l. The chunk's nb blocks of kTS steps go through the forward kernels' staging
+// pipeline in the order 0 .. nb-2 (pass 1: the state entering each block, kept in shared memory, each
+// thread its own column), then nb-1 .. 0 (pass 2: the states entering the block's steps recomputed
+// into registers, then the block walked in reverse). Per (step, n), the sums over the warp's p (dk,
+// dlog, dC) go to shared memory and are summed over the warps in order once per block; per (step, p),
+// the dx terms stay in registers for the block and are summed over the lanes once per block (a
+// 32-value reduce-scatter: 31 shuffles per 8 steps). The loops over a block's steps are unrolled
+// (the history is a register array) with a lean body: the rare events only load or store.
+// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials, then (kSub + kTS) * kPPT *
+// blockDim floats of states (111 KB at P = 36: two CTAs per SM).
 template <typename T>
-__global__ SSM_EXT_MAXNREG_112 void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
-  constexpr int NT = 32;
-  __shared__ Stage<NT> st;
-  SSM_EXT_DYNAMIC_SMEM(float, red);  // [3][warps][kTS][32]
-  const Cta a = decode_cta(tl, blockIdx.x);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int W = tl.warps, PC = W * kPPT;
-  const int64_t P = p.headdim, N = p.dstate, H = p.nheads;
-  const int64_t nlo = a.tn * NT, plo = a.tp * PC;
-  const int64_t pw = plo + warp * kPPT, n = nlo + lane;
-  const int64_t c0 = a.c * tl.Tc, c1 = std::min<int64_t>(c0 + tl.Tc, p.seqlen);
-  const bool nin = n < N;
-  bool pin[kPPT];
-#pragma unroll
-  for (int j = 0; j < kPPT; ++j) pin[j] = pw + j < P;
-  auto init_at = [&](int seg, int j) {
-    return (seg >= 0 && p.initial_states.ptr && pin[j] && nin)
-               ? load_as<float>(p.initial_states.ptr, p.init_dtype, p.initial_states.at(seg, a.h, pw + j, n))
-               : 0.f;
-  };
+__global__ SSM_EXT_MAXNREG(96) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+  __shared__ Stage<32> st;
+  __shared__ float sA[32], sbias[32];
+  __shared__ int ev_start[kBwdChunk], ev_end[kBwdChunk];
+  SSM_EXT_DYNAMIC_SMEM(float, smem);
+  const Tile<1> u = make_tile<1>(p, tl);
+  const int W = tl.warps;
+  const int64_t P = p.headdim, N = p.dstate, H = p.nheads, n = u.nl;
+  const bool nin = u.nin[0];
+  const int nb = static_cast<int>((u.c1 - u.c0 + kTS - 1) / kTS), nstages = 2 * nb - 1;
+  auto block_of = [&](int i) { return i < nb ? i : 2 * nb - 2 - i; };  // stage i -> its block
+  Raw<T, 1> r;
+  prefetch_block<T, 1, 1, kGy>(p, r, bb.gy, u, u.c0);
+  load_cta_constants<1>(p, tl, u, sA, sbias, ev_start, ev_end);
 
-  // Boundaries: bnd(jb, j) = state entering sub-block jb (before its first step's event), in
-  // shared memory (registers would cost 32 per thread and halve the CTAs per SM).
-  float* bnd_sm = red + 3 * W * kTS * 32;
-  auto bnd = [&](int jb, int j) -> float& { return bnd_sm[(jb * kPPT + j) * blockDim.x + threadIdx.x]; };
+  float* red = smem;  // [3][W][kTS][32]: dk, dlog, dC per (warp, step, lane)
+  const int rq = W * kTS * 32;
+  // Each thread's column of kPPT states: bnd[jb] entering block jb, pv[ts] entering step ts of the
+  // block of pass 2 (after the step's event).
+  float4* bnd = reinterpret_cast<float4*>(smem + 3 * rq) + threadIdx.x;
+  float4* pv = bnd + kSub * blockDim.x;
+  static_assert(kPPT == 4, "a thread's p are one float4");
+  // initial_states, dfinal_states, dinitial_states: contiguous fp32 (nseq, H, P, N) here (bwd_cuda);
+  // element (seg, h, pw + j, n) is at seg * HPN + toff + j * N.
+  const int HPN = static_cast<int>(H * P * N), toff = static_cast<int>((u.a.h * P + u.pw) * N + n);
+  auto seg_state = [&](const void* base, int seg) { return static_cast<float*>(const_cast<void*>(base)) + int64_t(seg) * HPN + toff; };
+  float dS[kPPT], s[kPPT];
 #pragma unroll
-  for (int j = 0; j < kPPT; ++j)
-    bnd(0, j) = (pin[j] && nin) ? bb.states[state_index(p, tl, a.row, a.c, a.h, pw + j, n)] : 0.f;
-#pragma unroll 1
-  for (int jb = 0; jb < kSub; ++jb) {
-    const int64_t t0 = c0 + jb * kTS;
-    float s[kPPT];
-#pragma unroll
-    for (int j = 0; j < kPPT; ++j) s[j] = bnd(jb, j);
-    if (jb + 1 < kSub) {
-      if (t0 < c1) {  // uniform
-        __syncthreads();
-        stage_block<T, NT, false>(p, nullptr, st, a.row, a.h, t0, c1, nlo, plo, PC);
-        __syncthreads();
-#pragma unroll
-        for (int ts = 0; ts < kTS; ++ts) {
-          const int start = st.start[ts];
-          const float dec = st.dec[ts][lane], k = st.k[ts][lane];
-          const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][warp * kPPT]);
-          const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
-#pragma unroll
-          for (int j = 0; j < kPPT; ++j) {
-            if (start != -2) s[j] = init_at(start, j);
-            s[j] = fmaf(dec, s[j], k * xv[j]);
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kPPT; ++j) bnd(jb + 1, j) = s[j];
-    }
+  for (int j = 0; j < kPPT; ++j) {
+    const bool in = u.pin[j] && nin;
+    const int64_t si = state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, n);
+    s[j] = in ? bb.states[si] : 0.f;
+    dS[j] = in ? bb.adj[si] : 0.f;
   }
+  bnd[0] = make_float4(s[0], s[1], s[2], s[3]);
 
-  float dS[kPPT];
-#pragma unroll
-  for (int j = 0; j < kPPT; ++j)
-    dS[j] = (pin[j] && nin) ? bb.adj[state_index(p, tl, a.row, a.c, a.h, pw + j, n)] : 0.f;
-
-  float* red_dk = red;
-  float* red_dl = red + W * kTS * 32;
-  float* red_dc = red + 2 * W * kTS * 32;
 #pragma unroll 1
-  for (int jb = kSub - 1; jb >= 0; --jb) {
-    const int64_t t0 = c0 + jb * kTS;
-    if (t0 < c1) {  // uniform
-      __syncthreads();
-      stage_block<T, NT, true>(p, bb.gy, st, a.row, a.h, t0, c1, nlo, plo, PC);
-      __syncthreads();
-      // the states after each step of the sub-block
-      float hist[kTS][kPPT];
+  for (int i = 0; i < nstages; ++i) {
+    const int jb = block_of(i);
+    const int64_t t0 = u.c0 + jb * kTS;
+    __syncthreads();  // the previous block's reads of st and red are done (first: constants written)
+    commit_block<T, 1, 1, kGy>(p, r, st, sA, sbias, u, t0);
+    __syncthreads();
+    if (i + 1 < nstages) prefetch_block<T, 1, 1, kGy>(p, r, bb.gy, u, u.c0 + block_of(i + 1) * kTS);
+
+    const bool pass2 = i >= nb - 1;  // uniform
+    const float4 b = bnd[jb * blockDim.x];
+    s[0] = b.x, s[1] = b.y, s[2] = b.z, s[3] = b.w;
 #pragma unroll
-      for (int ts = 0; ts < kTS; ++ts) {
-        const int start = st.start[ts];
-        const float dec = st.dec[ts][lane], k = st.k[ts][lane];
-        const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][warp * kPPT]);
-        const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
+    for (int ts = 0; ts < kTS; ++ts) {
+      const int start = ev_start[jb * kTS + ts];
+      const float dec = st.dec[ts][u.lane], k = st.k[ts][u.lane];
+      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][u.warp * kPPT]);
+      const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
+      if (start != -2) {
+        const bool init = start >= 0 && p.initial_states.ptr;
+        const float* src = seg_state(p.initial_states.ptr, init ? start : 0);
 #pragma unroll
-        for (int j = 0; j < kPPT; ++j) {
-          float prev = ts == 0 ? bnd(jb, j) : hist[ts > 0 ? ts - 1 : 0][j];
-          if (start != -2) prev = init_at(start, j);
-          hist[ts][j] = fmaf(dec, prev, k * xv[j]);
-        }
+        for (int j = 0; j < kPPT; ++j) s[j] = init && u.pin[j] && nin ? src[j * N] : 0.f;
       }
+      if (pass2) pv[ts * blockDim.x] = make_float4(s[0], s[1], s[2], s[3]);
 #pragma unroll
-      for (int ts = kTS - 1; ts >= 0; --ts) {
-        float dk = 0.f, dl = 0.f, dc = 0.f;
-        if (t0 + ts < c1) {  // uniform
-          const int start = st.start[ts], end = st.end[ts];
-          if (end >= 0 && p.dfinal_states.ptr) {
-            const float* df = static_cast<const float*>(p.dfinal_states.ptr);
+      for (int j = 0; j < kPPT; ++j) s[j] = fmaf(dec, s[j], k * xv[j]);
+    }
+    if (!pass2) {
+      bnd[(jb + 1) * blockDim.x] = make_float4(s[0], s[1], s[2], s[3]);
+      continue;
+    }
+
+    float dxp[kTS][kPPT];
 #pragma unroll
-            for (int j = 0; j < kPPT; ++j)
-              if (pin[j] && nin) dS[j] += df[p.dfinal_states.at(end, a.h, pw + j, n)];
-          }
-          const float dec = st.dec[ts][lane], k = st.k[ts][lane], c = st.C[ts][lane];
-          const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][warp * kPPT]);
-          const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][warp * kPPT]);
-          const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
-          const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
-          float dxp[kPPT];
+    for (int ts = kTS - 1; ts >= 0; --ts) {
+      const int start = ev_start[jb * kTS + ts], end = ev_end[jb * kTS + ts];
+      if (end >= 0 && p.dfinal_states.ptr) {
+        const float* src = seg_state(p.dfinal_states.ptr, end);
 #pragma unroll
-          for (int j = 0; j < kPPT; ++j) {
-            dS[j] = fmaf(c, gv[j], dS[j]);
-            dc = fmaf(hist[ts][j], gv[j], dc);
-            dxp[j] = dS[j] * k;
-            dk = fmaf(dS[j], xv[j], dk);
-            float prev = ts == 0 ? bnd(jb, j) : hist[ts > 0 ? ts - 1 : 0][j];
-            if (start != -2) prev = init_at(start, j);
-            dl = fmaf(dS[j], prev, dl);
-            dS[j] *= dec;
-          }
-          dl *= dec;
-          const float dx = reduce_scatter4(dxp, lane);
-          if ((lane & 7) == 0) st.y[ts][warp * kPPT + scatter_index4(lane)] = dx;
-          if (start >= 0 && p.dinitial_states.ptr) {
-#pragma unroll
-            for (int j = 0; j < kPPT; ++j)
-              if (pin[j] && nin) store_as(p.dinitial_states.ptr, p.init_dtype, p.dinitial_states.at(start, a.h, pw + j, n), dS[j]);
-          }
-          if (start != -2) {
-#pragma unroll
-            for (int j = 0; j < kPPT; ++j) dS[j] = 0.f;
-          }
-        }
-        red_dk[(warp * kTS + ts) * 32 + lane] = dk;
-        red_dl[(warp * kTS + ts) * 32 + lane] = dl;
-        red_dc[(warp * kTS + ts) * 32 + lane] = dc;
+        for (int j = 0; j < kPPT; ++j)
+          if (u.pin[j] && nin) dS[j] += src[j * N];
       }
-      __syncthreads();
-      // sums over the warps, in warp order, and the dx partials
-      const int64_t per_q = tl.ntp * tl.nrows * p.seqlen * H * N;
-      for (int i = threadIdx.x; i < 3 * kTS * 32; i += blockDim.x) {
-        const int q = i / (kTS * 32), ts = (i / 32) % kTS, l = i % 32;
-        const int64_t t = t0 + ts, nn = nlo + l;
-        if (t >= c1 || nn >= N) continue;
-        const float* r = red + q * W * kTS * 32;
-        float sum = 0.f;
-        for (int w = 0; w < W; ++w) sum += r[(w * kTS + ts) * 32 + l];
-        bb.nred[q * per_q + (((a.tp * tl.nrows + a.row) * p.seqlen + t) * H + a.h) * N + nn] = sum;
+      const float dec = st.dec[ts][u.lane], k = st.k[ts][u.lane], c = st.C[ts][u.lane];
+      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][u.warp * kPPT]);
+      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][u.warp * kPPT]);
+      const float4 vq = pv[ts * blockDim.x];
+      const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
+      const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
+      const float sv[kPPT] = {vq.x, vq.y, vq.z, vq.w};
+      // dC = sum_p s_t gy with s_t = dec pv + k x: dec (pv . gy) + k (x . gy)
+      float dk = 0.f, dl = 0.f, sg = 0.f, xg = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPPT; ++j) {
+        dS[j] = fmaf(c, gv[j], dS[j]);
+        dxp[ts][j] = dS[j] * k;
+        dk = fmaf(dS[j], xv[j], dk);
+        dl = fmaf(dS[j], sv[j], dl);
+        sg = fmaf(sv[j], gv[j], sg);
+        xg = fmaf(xv[j], gv[j], xg);
+        dS[j] *= dec;
       }
-      for (int i = threadIdx.x; i < kTS * PC; i += blockDim.x) {
-        const int ts = i / PC, j = i % PC;
-        const int64_t t = t0 + ts, pp = plo + j;
-        if (t >= c1 || pp >= P) continue;
-        bb.dxpart[((a.tn * tl.nrows + a.row) * p.seqlen + t) * H * P + a.h * P + pp] = st.y[ts][j];
+      if (start >= 0 && p.dinitial_states.ptr) {
+        float* dst = seg_state(p.dinitial_states.ptr, start);
+#pragma unroll
+        for (int j = 0; j < kPPT; ++j)
+          if (u.pin[j] && nin) dst[j * N] = dS[j];
       }
+      if (start != -2) {
+#pragma unroll
+        for (int j = 0; j < kPPT; ++j) dS[j] = 0.f;
+      }
+      const int o = (u.warp * kTS + ts) * 32 + u.lane;
+      red[o] = dk;
+      red[rq + o] = dl * dec;
+      red[2 * rq + o] = fmaf(dec, sg, k * xg);
+    }
+    {  // dx partial of (step t0 + lane / 4, p = pw + lane % 4) over this n-tile
+      const float dx = reduce_scatter<kTS * kPPT>(&dxp[0][0], u.lane);
+      const int64_t t = t0 + (u.lane >> 2), pp = u.pw + (u.lane & 3);
+      if (t < u.c1 && pp < P) bb.dxpart[(((u.a.tn * tl.nrows + u.a.row) * p.seqlen + t) * H + u.a.h) * P + pp] = dx;
+    }
+    __syncthreads();
+    // dk, dlog, dC of the block: the warps' partials summed in warp order
+    const int64_t per_q = tl.ntp * tl.nrows * p.seqlen * H * N;
+    for (int e = threadIdx.x; e < 3 * kTS * 32; e += blockDim.x) {
+      const int q = e / (kTS * 32), ts = (e / 32) % kTS, l = e % 32;
+      const int64_t t = t0 + ts, nn = u.nlo + l;
+      if (t >= u.c1 || nn >= N) continue;
+      const float* src = red + q * rq + ts * 32 + l;
+      float v[kMaxWarps];
+#pragma unroll
+      for (int w = 0; w < kMaxWarps; ++w) v[w] = w < W ? src[w * kTS * 32] : 0.f;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kMaxWarps; ++w) sum += v[w];
+      bb.nred[q * per_q + (((u.a.tp * tl.nrows + u.a.row) * p.seqlen + t) * H + u.a.h) * N + nn] = sum;
     }
   }
 }
@@ -303,9 +292,9 @@ __global__ __launch_bounds__(128) void finish_n_kernel(IssmParams p, Tiling tl, 
       accB[i] += dk * delta;
       accC[i] += dc;
     }
-    const int64_t part = ((row * bb.ntb + tb) * H + h) * N + n;
-    bb.dA_part[part] = dAp;
-    bb.dbias_part[part] = dbp;
+    float* part = bb.parts + (row * bb.ntb + tb) * bb.ncols + h * N + n;
+    part[0] = dAp;
+    part[H * N] = dbp;
   }
 #pragma unroll
   for (int i = 0; i < kTB; ++i) {
@@ -337,7 +326,36 @@ __global__ __launch_bounds__(256) void finish_p_kernel(IssmParams p, Tiling tl, 
       static_cast<T*>(p.dx.ptr)[p.dx.at(row, t, h, pp)] = T(dx);
       dDp = fmaf(gy, float(static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)]), dDp);
     }
-    bb.dD_part[(row * bb.ntb + tb) * HP + e] = dDp;
+    bb.parts[(row * bb.ntb + tb) * bb.ncols + 2 * H * p.dstate + e] = dDp;
+  }
+}
+
+// Step 5c. sums[col] = the partials of column col summed over the nparts rows in a fixed order (the
+// warps' contiguous slices of rows, each in order, then the slices in order). CTA = 8 warps x 32
+// columns; each warp keeps kColB loads in flight.
+constexpr int kColB = 8;
+__global__ __launch_bounds__(256) void colsum_kernel(BwdBufs bb, int64_t nparts) {
+  __shared__ float sm[8][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.x) * 32 + lane;
+  const int64_t per = (nparts + 7) / 8, k0 = warp * per, k1 = std::min(nparts, k0 + per);
+  float sum = 0.f;
+  if (col < bb.ncols) {
+    for (int64_t k = k0; k < k1; k += kColB) {
+      float v[kColB];
+#pragma unroll
+      for (int i = 0; i < kColB; ++i) v[i] = k + i < k1 ? bb.parts[(k + i) * bb.ncols + col] : 0.f;
+#pragma unroll
+      for (int i = 0; i < kColB; ++i) sum += v[i];
+    }
+  }
+  sm[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && col < bb.ncols) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) t += sm[w][lane];
+    bb.sums[col] = t;
   }
 }
 
@@ -354,26 +372,23 @@ __device__ float block_sum(float v, float* sm) {
   return r;
 }
 
-// Step 5c. CTA per head: dA, ddt_bias, dD summed over the (row, step-block) partials in order.
-__global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb, int64_t nparts) {
+// Step 5d. CTA per head: dA, ddt_bias, dD from the column sums in their dtypes; per-head dt_bias and
+// D sum theirs over n or p by a fixed tree.
+__global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb) {
   __shared__ float sm[256];
   const int64_t h = blockIdx.x, H = p.nheads, N = p.dstate, P = p.headdim;
+  const float* sA = bb.sums + h * N;
+  const float* sb = bb.sums + H * N + h * N;
+  const float* sD = bb.sums + 2 * H * N + h * P;
   float bias_head = 0.f, D_head = 0.f;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    float sa = 0.f, sb = 0.f;
-    for (int64_t k = 0; k < nparts; ++k) {
-      sa += bb.dA_part[(k * H + h) * N + n];
-      sb += bb.dbias_part[(k * H + h) * N + n];
-    }
-    store_as(p.dA.ptr, p.A_dtype, p.dA.at(h, n), sa);
-    if (p.ddt_bias.ptr && !p.dt_bias_per_head) store_as(p.ddt_bias.ptr, p.dt_bias_dtype, p.ddt_bias.at(h, n), sb);
-    bias_head += sb;
+    store_as(p.dA.ptr, p.A_dtype, p.dA.at(h, n), sA[n]);
+    if (p.ddt_bias.ptr && !p.dt_bias_per_head) store_as(p.ddt_bias.ptr, p.dt_bias_dtype, p.ddt_bias.at(h, n), sb[n]);
+    bias_head += sb[n];
   }
   for (int64_t pp = threadIdx.x; pp < P; pp += blockDim.x) {
-    float sd = 0.f;
-    for (int64_t k = 0; k < nparts; ++k) sd += bb.dD_part[(k * H + h) * P + pp];
-    if (p.dD.ptr && !p.D_per_head) store_as(p.dD.ptr, p.D_dtype, p.dD.at(h, pp), sd);
-    D_head += sd;
+    if (p.dD.ptr && !p.D_per_head) store_as(p.dD.ptr, p.D_dtype, p.dD.at(h, pp), sD[pp]);
+    D_head += sD[pp];
   }
   if (p.ddt_bias.ptr && p.dt_bias_per_head) {
     const float s = block_sum(bias_head, sm);
@@ -390,15 +405,15 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   const Tiling tf = make_tiling(p, kBwdChunk, 8);  // forward-like kernels
   const Tiling tb = make_tiling(p, kBwdChunk, 1);  // bwd_chunk_kernel: 32 states per CTA
   const auto f32 = like.options().dtype(at::kFloat);
-  const int64_t H = p.nheads, P = p.headdim, N = p.dstate, L = p.seqlen;
+  const int64_t H = p.nheads, P = p.headdim, N = p.dstate, L = p.seqlen, R = tf.nrows;
   auto buf = [&](int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, f32); };
   const int64_t ntb = (L + kTB - 1) / kTB;
-  at::Tensor states = buf(tf.nrows * tf.nchunks * H * P * N), adj = buf(tf.nrows * tf.nchunks * H * P * N);
-  at::Tensor prod = buf(tf.nrows * tf.nchunks * H * N), gy = buf(tf.nrows * L * H * P);
-  at::Tensor ypart = tf.ntn > 1 ? buf(tf.ntn * tf.nrows * L * H * P) : at::Tensor();
-  at::Tensor dxpart = buf(tb.ntn * tb.nrows * L * H * P), nred = buf(3 * tb.ntp * tb.nrows * L * H * N);
-  at::Tensor dA_part = buf(tb.nrows * ntb * H * N), dbias_part = buf(tb.nrows * ntb * H * N);
-  at::Tensor dD_part = buf(tb.nrows * ntb * H * P);
+  at::Tensor states = buf(R * tf.nchunks * H * P * N), adj = buf(R * tf.nchunks * H * P * N);
+  at::Tensor prod = buf(R * tf.nchunks * H * N), gy = buf(R * L * H * P);
+  at::Tensor ypart = tf.ntn > 1 ? buf(tf.ntn * R * L * H * P) : at::Tensor();
+  at::Tensor dxpart = buf(tb.ntn * R * L * H * P), nred = buf(3 * tb.ntp * R * L * H * N);
+  const int64_t ncols = 2 * H * N + H * P;
+  at::Tensor parts = buf(R * ntb * ncols), sums = buf(ncols);
 
   Bufs fb;
   fb.states = states.data_ptr<float>();
@@ -412,9 +427,9 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   bb.adj = adj.data_ptr<float>();
   bb.dxpart = dxpart.data_ptr<float>();
   bb.nred = nred.data_ptr<float>();
-  bb.dA_part = dA_part.data_ptr<float>();
-  bb.dbias_part = dbias_part.data_ptr<float>();
-  bb.dD_part = dD_part.data_ptr<float>();
+  bb.parts = parts.data_ptr<float>();
+  bb.sums = sums.data_ptr<float>();
+  bb.ncols = ncols;
   bb.ntb = ntb;
 
   if (tf.ctas() > 0) {
@@ -424,22 +439,24 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
       adj_local_kernel<T, decltype(npt)::value><<<static_cast<unsigned>(tf.ctas()), threads, 0, stream>>>(p, tf, bb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    const int64_t elems = tf.nrows * H * P * N;  // 3.
+    const int64_t elems = R * H * P * N;  // 3.
     pass_kernel<true><<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t smem = sizeof(float) * (3 * kTS * 32 + kSub * kPPT * 32) * tb.warps;  // 4.
+    const size_t smem = sizeof(float) * (3 * kTS * 32 + (kSub + kTS) * kPPT * 32) * tb.warps;  // 4.
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     bwd_chunk_kernel<T><<<static_cast<unsigned>(tb.ctas()), static_cast<unsigned>(tb.warps * 32), smem, stream>>>(
         p, tb, bb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t nnb = (N + 127) / 128;  // 5.
-    finish_n_kernel<T><<<static_cast<unsigned>(tb.nrows * ntb * p.ngroups * nnb), 128, 0, stream>>>(p, tb, bb, nnb);
+    finish_n_kernel<T><<<static_cast<unsigned>(R * ntb * p.ngroups * nnb), 128, 0, stream>>>(p, tb, bb, nnb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish_p_kernel<T><<<static_cast<unsigned>(tb.nrows * ntb), 256, 0, stream>>>(p, tb, bb);
+    finish_p_kernel<T><<<static_cast<unsigned>(R * ntb), 256, 0, stream>>>(p, tb, bb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  params_kernel<<<static_cast<unsigned>(H), 256, 0, stream>>>(p, bb, tf.ctas() > 0 ? tb.nrows * ntb : 0);
+  colsum_kernel<<<blocks_for(ncols, 32), 256, 0, stream>>>(bb, tf.ctas() > 0 ? R * ntb : 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  params_kernel<<<static_cast<unsigned>(H), 256, 0, stream>>>(p, bb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.dinitial_states.ptr && (p.cu_seqlens || L == 0) && p.nseq > 0) {
     empty_segments_kernel<true><<<blocks_for(p.nseq * H * P * N, 256), 256, 0, stream>>>(p);
@@ -458,9 +475,25 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
   BwdArgs r = prepare_bwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                           dt_softplus, dt_limit_lo, dt_limit_hi, dout, dfinal_states);
   const c10::cuda::CUDAGuard guard(x.device());
-  const IssmParams& p = r.p;
+  IssmParams p = r.p;
   TORCH_CHECK(p.dstate > 0, msg("dstate (B.size(3)) must be > 0 on CUDA, got ", p.dstate));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // bwd_chunk_kernel reads initial_states and dfinal_states and writes dinitial_states as contiguous
+  // fp32 (nseq, H, P, N) tensors, so that its unrolled event sites stay small: others go through copies.
+  TORCH_CHECK(p.nheads * p.headdim * p.dstate < (int64_t(1) << 31),
+              msg("issm (CUDA): nheads * headdim * dstate must be < 2^31, got ", p.nheads * p.headdim * p.dstate));
+  at::Tensor init32, dinit32, dfinal32;
+  if (p.initial_states.ptr) {
+    init32 = initial_states->to(at::kFloat).contiguous();
+    dinit32 = r.dinitial_states.scalar_type() == at::kFloat ? r.dinitial_states : at::empty_like(init32);
+    p.initial_states = view4(init32);
+    p.dinitial_states = view4(dinit32);
+    p.init_dtype = Dtype::f32;
+  }
+  if (p.dfinal_states.ptr) {
+    dfinal32 = dfinal_states->contiguous();
+    p.dfinal_states = view4(dfinal32);
+  }
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (p.headdim == 0 || p.nheads == 0) {  // nothing flows: zero gradients
@@ -470,6 +503,7 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
     }
     run_backward<T>(p, x, stream);
   });
+  if (dinit32.defined() && !dinit32.is_same(r.dinitial_states)) r.dinitial_states.copy_(dinit32);
   return {r.dx, r.ddt, r.dA, r.dB, r.dC, r.dD, r.dz, r.ddt_bias, r.dinitial_states};
 }
 

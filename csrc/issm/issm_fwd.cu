@@ -32,14 +32,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
     if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
     const Tiling tl = make_tiling(p, 0, 8);
     const auto f32 = x.options().dtype(at::kFloat);
-    at::Tensor states = at::empty({std::max<int64_t>(tl.nrows * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)}, f32);
-    at::Tensor prod = at::empty({std::max<int64_t>(tl.nrows * tl.nchunks * p.nheads * p.dstate, 1)}, f32);
+    at::Tensor states = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)}, f32);
+    at::Tensor prod = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.dstate, 1)}, f32);
     at::Tensor ypart;
     Bufs bufs;
     bufs.states = states.data_ptr<float>();
     bufs.prod = prod.data_ptr<float>();
     if (tl.ntn > 1) {
-      ypart = at::empty({tl.ntn * tl.nrows * p.seqlen * p.nheads * p.headdim}, f32);
+      ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, f32);
       bufs.ypart = ypart.data_ptr<float>();
     }
     run_forward<T, kOut>(p, tl, bufs, stream);
