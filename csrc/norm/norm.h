@@ -38,6 +38,20 @@ struct RmsNormParams {
   void* dbias = nullptr;    // in bias's dtype
 };
 
+// dweight[c] (and dbias[c]) from per-block partials laid out (nblk, dim), summed in block order:
+// one fixed order, shared by the CPU and CUDA backward.
+template <typename acc_t>
+C10_HOST_DEVICE inline void store_param_grads(const RmsNormParams& p, const acc_t* dw_part, const acc_t* db_part,
+                                              int64_t nblk, int64_t c) {
+  acc_t sw = 0, sb = 0;
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    sw += dw_part[blk * p.dim + c];
+    sb += db_part[blk * p.dim + c];
+  }
+  store_as(p.dweight, p.w_dtype, c, sw);
+  if (p.dbias) store_as(p.dbias, p.b_dtype, c, sb);
+}
+
 struct FwdArgs {
   at::Tensor out, rstd;
   at::Tensor x2, z2;  // (rows, dim) views (or copies) kept alive while the kernel runs

@@ -123,15 +123,7 @@ void bwd_kernel(const RmsNormParams& p) {
     }
   });
   at::parallel_for(0, p.dim, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t sw = 0, sb = 0;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        sw += dw_part[blk * p.dim + c];
-        sb += db_part[blk * p.dim + c];
-      }
-      store_as(p.dweight, p.w_dtype, c, sw);
-      if (p.dbias) store_as(p.dbias, p.b_dtype, c, sb);
-    }
+    for (int64_t c = begin; c < end; ++c) store_param_grads(p, dw_part.data(), db_part.data(), nblk, c);
   });
 }
 

@@ -212,14 +212,7 @@ __global__ __launch_bounds__(kThreads) void bwd_kernel(RmsNormParams p, int64_t 
 __global__ __launch_bounds__(kThreads) void sum_parts_kernel(RmsNormParams p, int64_t nblk, const float* dw_part,
                                                              const float* db_part) {
   const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= p.dim) return;
-  float sw = 0.f, sb = 0.f;
-  for (int64_t k = 0; k < nblk; ++k) {
-    sw += dw_part[k * p.dim + c];
-    sb += db_part[k * p.dim + c];
-  }
-  store_as(p.dweight, p.w_dtype, c, sw);
-  if (p.dbias) store_as(p.dbias, p.b_dtype, c, sb);
+  if (c < p.dim) store_param_grads(p, dw_part, db_part, nblk, c);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& weight,

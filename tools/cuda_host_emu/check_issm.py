@@ -1,30 +1,21 @@
 """Checks the ISSM CUDA kernels, run on the CPU through the host emulation (build.sh), against
 the float64 reference: forward outputs and final states, every gradient (autograd through the
 reference), and bitwise-equal repeated forwards. Exit status 1 on any failure."""
-import importlib.util
 import os
 import sys
 import time
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-_so = os.environ.get("HEMU_SO", os.path.join(ROOT, "build", "cuda_host_emu", "hemu.so"))
-_spec = importlib.util.spec_from_file_location("hemu", _so)
-hemu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hemu)
+from emu_check import load_hemu, rel  # first: it sets the import paths
 
-from ssm_ext.reference import issm as ref  # noqa: E402
-import test_issm as T  # noqa: E402
-from helpers import make_seq_idx  # noqa: E402
+from ssm_ext.reference import issm as ref
+import test_issm as T
+from helpers import make_seq_idx
+hemu = load_hemu()
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DIFF = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
 fails = 0
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
 def check(inp, name, tol=None, **opts):
     global fails
     sp = opts.get("dt_softplus", False); lim = opts.get("dt_limit", (0.0, float("inf")))

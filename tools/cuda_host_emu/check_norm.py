@@ -1,25 +1,16 @@
 """Checks the gated RMSNorm CUDA kernels, run on the CPU through the host emulation (build.sh),
 against the float64 reference (outputs and all gradients; vector and scalar paths). Exit status 1
 on any failure."""
-import importlib.util
-import os
 import sys
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)
-_so = os.environ.get("HEMU_SO", os.path.join(ROOT, "build", "cuda_host_emu", "hemu.so"))
-_spec = importlib.util.spec_from_file_location("hemu", _so)
-hemu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hemu)
+from emu_check import load_hemu, rel  # first: it sets the import paths
 
-from ssm_ext.reference import norm as ref  # noqa: E402
+from ssm_ext.reference import norm as ref
+hemu = load_hemu()
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 fails = 0
-def rel(a, b):
-    a, b = a.double(), b.double(); return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
 def check(shape, dtype, bias, z, gs, nbg, name, w_dtype=F32, noncontig=False):
     global fails
     dim = shape[-1]
