@@ -5,8 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "causal_conv1d/causal_conv1d.h"
 #include "causal_conv1d/causal_conv1d_cuda.cuh"
 #include "causal_conv1d/causal_conv1d_math.h"
@@ -42,16 +40,12 @@ __device__ __forceinline__ void write_block_partial(const ConvParams& p, int64_t
   }
 }
 
-// d silu(v) / dv. For 16-bit dx the sigmoid comes from one tanh.approx (relative error about
-// 2^-11, below their rounding) instead of an exp and a reciprocal: the kernel is issue-bound.
+// d silu(v) / dv. For 16-bit dx the sigmoid comes from one tanh.approx instead of an exp and a
+// reciprocal (mma::sigmoid_io): the kernel is issue-bound.
 template <typename T>
 __device__ __forceinline__ float dsilu_io(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return dsilu_f(v);
-  } else {
-    const float s = fmaf(0.5f, mma::tanh_approx(0.5f * v), 0.5f);
-    return s * (1.f + v * (1.f - s));
-  }
+  const float s = mma::sigmoid_io<T>(v);
+  return s * (1.f + v * (1.f - s));
 }
 
 // a[i] for a lane-dependent i in [0, K), by selects (a dynamic index would go to local memory).

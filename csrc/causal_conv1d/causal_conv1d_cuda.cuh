@@ -147,7 +147,7 @@ __device__ __forceinline__ void cf_load_own(const ConvParams& p, const T* x, con
   }
 }
 
-// The neighbours' vectors: lane 0 the one before, lane 31 (backward) the ones after.
+// The neighbours' vectors: lane 0 the one before, lanes 0 .. W-2 (backward) the ones after the warp's.
 template <typename T, int W, bool kHasSeq, bool kBwd, int kVecs>
 __device__ __forceinline__ void cf_load_neighbours(const ConvParams& p, const T* x, const T* g, const int* seq,
                                                    int t, CfLoads<T, W, kHasSeq, kVecs>& c) {

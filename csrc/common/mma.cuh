@@ -86,5 +86,13 @@ __device__ __forceinline__ float tanh_approx(float x) {
   return y;
 }
 
+// sigmoid(x) at the precision an io dtype T needs. fp32: exp (ex2.approx, ~2^-22) and a division;
+// fp16 / bf16: one tanh.approx, sigmoid = (1 + tanh(x / 2)) / 2 (about 2^-11, below their rounding).
+template <typename T>
+__device__ __forceinline__ float sigmoid_io(float x) {
+  if constexpr (std::is_same_v<T, float>) return 1.f / (1.f + __expf(-x));
+  else return fmaf(0.5f, tanh_approx(0.5f * x), 0.5f);
+}
+
 }  // namespace mma
 }  // namespace ssm_ext

@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = alpha * s[c][e];
-        const float sg = sigmoid_t<T>(x);
+        const float sg = mma::sigmoid_io<T>(x);
         float m = inv_n;
         if (diag || has_mask) {
           const int j = k0 + w * 16 + frag_row(lane, e), t = t0 + frag_col(lane, c, e);
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) dense_dq_kernel(const HstuParams p, 
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float x = alpha * s[mt][j][e];
-            const float sg = sigmoid_t<T>(x);
+            const float sg = mma::sigmoid_io<T>(x);
             float m = inv_n;
             if (diag || has_mask) {
               const int t = q0 + r0 + 16 * mt + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);

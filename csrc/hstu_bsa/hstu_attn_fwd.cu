@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_kernel(const HstuParams p,
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float x = alpha * s[mt][j][e];
-            float w_ = x * sigmoid_t<T>(x) * inv_n;
+            float w_ = x * mma::sigmoid_io<T>(x) * inv_n;
             if (diag || has_mask) {
               const int t = q0 + r0 + mt * 16 + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
               if (kj > t || t >= len) w_ = 0.f;

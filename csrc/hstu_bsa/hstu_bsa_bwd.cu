@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_dq_kernel(const HstuParams p,
       for (int e = 0; e < 4; ++e) {
         const int t = q0 + w * 16 + frag_row(lane, e), c = c0 + frag_col(lane, j, e);
         const float x = alpha * s[j][e];
-        const float sg = sigmoid_t<T>(x);
+        const float sg = mma::sigmoid_io<T>(x);
         const float mm = (c + 1) * bs <= t + 1 ? inv_n : 0.f;  // rows past the end have gate 0
         dg[0][e >> 1] += x * sg * mm * dp[j][e];
         s[j][e] = alpha * dp[j][e] * mm * gc[e >> 1] * sg * (1.f + x * (1.f - sg));
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_dq_kernel(const HstuParams p,
       for (int e = 0; e < 4; ++e) {
         const int r = w * 16 + frag_row(lane, e), t = q0 + r, kc = frag_col(lane, j, e), kj = k0 + kc;
         const float x = alpha * s[j][e];
-        const float sg = sigmoid_t<T>(x);
+        const float sg = mma::sigmoid_io<T>(x);
         float cs = 0.f, cw = 0.f, mm = 0.f;
         if (kj <= t && t < len) {
           cs = static_cast<float>(mult[r * kRows + kc]);
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_cmp_kernel(const HstuPar
       for (int e = 0; e < 4; ++e) {
         const int c = c0 + w * 16 + frag_row(lane, e), tc = frag_col(lane, j, e), t = t0 + tc;
         const float x = alpha * s[j][e];
-        const float sg = sigmoid_t<T>(x);
+        const float sg = mma::sigmoid_io<T>(x);
         const float cf = (c + 1) * bs <= t + 1 && c < nb ? sg_c[tc] * inv_n : 0.f;  // t >= len: gate 0
         s[j][e] = x * sg * cf;
         dp[j][e] = alpha * dp[j][e] * cf * sg * (1.f + x * (1.f - sg));
@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_kernel(const HstuParams 
       for (int e = 0; e < 4; ++e) {
         const int kr = w * 16 + frag_row(lane, e), kj = k0 + kr, tc = frag_col(lane, j, e), t = t0 + tc;
         const float x = alpha * s[j][e];
-        const float sg = sigmoid_t<T>(x);
+        const float sg = mma::sigmoid_io<T>(x);
         float cf = 0.f;
         if (kj <= t && t < len) {
           cf = sg_s[tc] * static_cast<float>(mult[tc * kRows + kr]);

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
         for (int e = 0; e < 4; ++e) {
           const int r = r0 + 16 * mt + frag_row(lane, e), t = q0 + r, c = c0 + frag_col(lane, j, e);
           const float x = alpha * s[mt][j][e];
-          s[mt][j][e] = (c + 1) * bs <= t + 1 ? x * sigmoid_t<T>(x) * inv_n * sgate[r * 3] : 0.f;
+          s[mt][j][e] = (c + 1) * bs <= t + 1 ? x * mma::sigmoid_io<T>(x) * inv_n * sgate[r * 3] : 0.f;
         }
       }
     }
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
               if (kj > t - wnd) c += sgate[r * 3 + 2];
               if (has_mask && c != 0.f) c *= mask_at(p, b, t, kj);
             }
-            s[mt][j][e] = x * sigmoid_t<T>(x) * inv_n * c;
+            s[mt][j][e] = x * mma::sigmoid_io<T>(x) * inv_n * c;
           }
         }
       }

@@ -303,14 +303,6 @@ constexpr int scratch_floats() {
 
 // ---------------------------------------------------------------- element-wise
 
-// silu(x) = x * sig and sig = sigmoid(x). fp32 inputs: exp (ex2.approx, ~2^-22) and a
-// division; fp16 / bf16: one tanh.approx, sig = (1 + tanh(x / 2)) / 2.
-template <typename T>
-__device__ __forceinline__ float sigmoid_t(float x) {
-  if constexpr (kTensorCores<T>) return fmaf(0.5f, mma::tanh_approx(0.5f * x), 0.5f);
-  else return 1.f / (1.f + __expf(-x));
-}
-
 // Fragment coordinates: element e of 8-column tile j of warp w's 16 rows.
 __device__ __forceinline__ int frag_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
 __device__ __forceinline__ int frag_col(int lane, int j, int e) { return 8 * j + 2 * (lane & 3) + (e & 1); }
