@@ -47,7 +47,7 @@ struct BwdOperands {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p, const BwdOperands X, int n_tiles) {
   constexpr int QC = kQC<D>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kRows * D;
   T* sQ = sV + kRows * D;   // 2 stages
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dense_dq_kernel(const HstuParams p, const BwdOperands X, int n_tiles) {
   constexpr int MT = kDqMT<T>, BM = kDqBM<T>, BN = kDqBN<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sO = sQ + BM * D;
   T* sK = sO + BM * D;      // 2 stages

@@ -50,7 +50,7 @@ struct BwdBufs {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) bsa_dq_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
                                                           int n_tiles) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sA = sQ + kRows * D;
   T* sK = sA + kRows * D;       // 2 stages
@@ -226,7 +226,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_cmp_kernel(const HstuParams p, const BsaOperands X,
                                                                 const BwdBufs G) {
   constexpr int QC = kQC<D>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sK = reinterpret_cast<T*>(smem_raw);  // kbar rows
   T* sV = sK + kRows * D;                  // vbar rows
   T* sQ = sV + kRows * D;                  // 2 stages
@@ -313,7 +313,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) bsa_dkdv_kernel(const HstuParams p, const BsaOperands X, const BwdBufs G,
                                                             int n_tiles) {
   constexpr int QC = kQC<D>, R = kRows / QC;  // R steps per 64-query tile
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kRows * D;
   T* sQ = sV + kRows * D;   // 2 stages

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1) bsa_fwd_kernel(const HstuParams p
                                                               int words) {
   constexpr int MT = kMT<T>, BM = kBM<T>;
   static_assert(BM <= kThreads, "one thread per query row builds the tile sets");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * D;          // 2 stages of kRows keys
   T* sV = sK + 2 * kRows * D;   // 2 stages

@@ -59,7 +59,7 @@ __device__ __forceinline__ int insert(float* sc, int32_t* id, int64_t ids, int c
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) topk_kernel(const HstuParams p, const Operand Q, const TopkBufs B,
                                                         int n_tiles) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sH = sQ + kRows * D;     // kbar hi, 2 stages
   T* sL = sH + 2 * kBC * D;   // kbar lo, 2 stages

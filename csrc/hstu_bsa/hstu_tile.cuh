@@ -119,20 +119,48 @@ struct Tile {
   // Offset (elements) of chunk c of row r, and of element k of row r.
   __device__ __forceinline__ static int off(int r, int c) { return r * D + ((c ^ swz(r)) * kE); }
   __device__ __forceinline__ static int elem(int r, int k) { return off(r, k / kE) + k % kE; }
+  // Shared-window byte address of chunk c of row r of the tile at s (for ldmatrix). When s starts
+  // at a multiple of kRowBytes in the shared window (every HSTU kernel lays its tiles out as whole
+  // rows from a 1024-aligned dynamic shared base), then for m < kC and i >= 0
+  //   addr(s, r + 8i, c ^ m) == (addr(s, r, c) ^ 16m) + 8i kRowBytes:
+  // the row's start has no bits below kRowBytes (a power of two), 16 (c ^ swz(r)) < kRowBytes
+  // carries the chunk, 16 ((c ^ m) ^ swz) = 16 (c ^ swz) ^ 16m, and swz(r + 8i) = swz(r).
+  // So a warp product needs one address per operand, not one per k step.
+  static constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
+  __device__ __forceinline__ static uint32_t addr(const T* s, int r, int c) { return mma::smem_u32(s + off(r, c)); }
 };
 
 // Stages rows [0, ROWS) of g (row stride st elements) into the tile s; rows >= nrows and
 // columns >= cols are zero-filled. `safe` is any mapped address (for the zero-fill copies).
-template <typename T, int D, int ROWS>
+// NTHREADS threads (tid < NTHREADS) share the copies.
+template <typename T, int D, int ROWS, int NTHREADS = kThreads>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t st, int nrows, int cols, const void* safe,
                                           int tid) {
   using L = Tile<T, D>;
   constexpr int kTotal = ROWS * L::kC;
+  if constexpr (kTotal % NTHREADS == 0 && NTHREADS % L::kC == 0) {
+    // Chunk i = tid + k NTHREADS is row tid / kC + k NTHREADS / kC, column chunk tid % kC: a
+    // fixed trip count and one column per thread (no remainder loop, no divisions per copy).
+    // Not unrolled: the pointers advance by a step, so no per-copy addresses stay live in the
+    // callers' main loops.
+    constexpr int kRowStep = NTHREADS / L::kC;
+    const int c = tid % L::kC;
+    int r = tid / L::kC;
+    const bool cok = c * L::kE < cols;
+    const T* gp = g + r * st + c * L::kE;
+    const int64_t gstep = kRowStep * st;
+#pragma unroll 1
+    for (int k = 0; k < kTotal / NTHREADS; ++k, r += kRowStep, gp += gstep) {
+      const bool ok = cok && r < nrows;
+      mma::cp_async16(s + L::off(r, c), ok ? static_cast<const void*>(gp) : safe, ok);
+    }
+  } else {
 #pragma unroll 4
-  for (int i = tid; i < kTotal; i += kThreads) {
-    const int r = i / L::kC, c = i % L::kC;
-    const bool ok = r < nrows && c * L::kE < cols;
-    mma::cp_async16(s + L::off(r, c), ok ? static_cast<const void*>(g + r * st + c * L::kE) : safe, ok);
+    for (int i = tid; i < kTotal; i += NTHREADS) {
+      const int r = i / L::kC, c = i % L::kC;
+      const bool ok = r < nrows && c * L::kE < cols;
+      mma::cp_async16(s + L::off(r, c), ok ? static_cast<const void*>(g + r * st + c * L::kE) : safe, ok);
+    }
   }
 }
 
@@ -147,15 +175,20 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[NT][4], const T* sA, int a
   using L = Tile<T, D>;
   if constexpr (kTensorCores<T>) {
     static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+    // A: row a0 + (lane & 7) + 8 (mi & 1), chunk 2kk + (lane >> 4); B: row b0 + 8j + (lane & 7)
+    // + 8 (mi >> 1), chunk 2kk + (mi & 1). Chunk 2kk + c = c ^ 2kk (c < 2): Tile::addr's XOR rule.
+    const int mi = lane >> 3;
+    const uint32_t pa = L::addr(sA, a0 + (lane & 7) + (mi & 1) * 8, lane >> 4);
+    const uint32_t pb = L::addr(sB, b0 + (lane & 7) + (mi >> 1) * 8, mi & 1);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
-      mma::ldmatrix_x4(a, sA + L::off(a0 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+      mma::ldmatrix_x4(a, pa ^ (kk * 32));
+      const uint32_t pk = pb ^ (kk * 32);
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
         uint32_t b[4];
-        const int mi = lane >> 3;
-        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+        mma::ldmatrix_x4(b, pk + j * 8 * L::kRowBytes);
         mma::mma16816<T>(acc[j], a, b[0], b[1]);
         mma::mma16816<T>(acc[j + 1], a, b[2], b[3]);
       }
@@ -187,18 +220,28 @@ __device__ __forceinline__ void gemm_pb(float (&out)[D / 8][4], const float (&P)
   using L = Tile<T, D>;
   if constexpr (kTensorCores<T>) {
     static_assert(NK % 2 == 0, "16-wide k steps");
+    // P as A fragments first (NK / 2 k steps of 4 packed pairs: half the registers of P), then
+    // per column pair dt one B address: row b0 + 16kk + (lane & 7) + 8 (mi & 1), chunk dt +
+    // (mi >> 1) = (mi >> 1) ^ dt (dt even). Each out[dt] still sums its k steps in order.
+    uint32_t a[NK / 2][4];
 #pragma unroll
     for (int kk = 0; kk < NK / 2; ++kk) {
-      const uint32_t a[4] = {mma::pack2<T>(P[2 * kk][0], P[2 * kk][1]), mma::pack2<T>(P[2 * kk][2], P[2 * kk][3]),
-                             mma::pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]),
-                             mma::pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3])};
+      a[kk][0] = mma::pack2<T>(P[2 * kk][0], P[2 * kk][1]);
+      a[kk][1] = mma::pack2<T>(P[2 * kk][2], P[2 * kk][3]);
+      a[kk][2] = mma::pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]);
+      a[kk][3] = mma::pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3]);
+    }
+    const int mi = lane >> 3;
+    const uint32_t pb = L::addr(sB, b0 + (lane & 7) + (mi & 1) * 8, mi >> 1);
 #pragma unroll
-      for (int dt = 0; dt < D / 8; dt += 2) {
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      const uint32_t pd = pb ^ (dt * 16);
+#pragma unroll
+      for (int kk = 0; kk < NK / 2; ++kk) {
         uint32_t b[4];
-        const int mi = lane >> 3;
-        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
-        mma::mma16816<T>(out[dt], a, b[0], b[1]);
-        mma::mma16816<T>(out[dt + 1], a, b[2], b[3]);
+        mma::ldmatrix_x4_trans(b, pd + kk * 16 * L::kRowBytes);
+        mma::mma16816<T>(out[dt], a[kk], b[0], b[1]);
+        mma::mma16816<T>(out[dt + 1], a[kk], b[2], b[3]);
       }
     }
   } else {
@@ -237,17 +280,19 @@ __device__ __forceinline__ void gemm_abt_mt(float (&acc)[MT][NT][4], const T* sA
   using L = Tile<T, D>;
   if constexpr (kTensorCores<T>) {
     static_assert(NT % 2 == 0, "pairs of 8-column tiles");
+    const int mi = lane >> 3;  // addresses as in gemm_abt
+    const uint32_t pa = L::addr(sA, a0 + (lane & 7) + (mi & 1) * 8, lane >> 4);
+    const uint32_t pb = L::addr(sB, b0 + (lane & 7) + (mi >> 1) * 8, mi & 1);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[MT][4];
+      const uint32_t pak = pa ^ (kk * 32), pk = pb ^ (kk * 32);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        mma::ldmatrix_x4(a[mt], sA + L::off(a0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
+      for (int mt = 0; mt < MT; ++mt) mma::ldmatrix_x4(a[mt], pak + mt * 16 * L::kRowBytes);
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
         uint32_t b[4];
-        const int mi = lane >> 3;
-        mma::ldmatrix_x4(b, sB + L::off(b0 + j * 8 + (lane & 7) + (mi >> 1) * 8, kk * 2 + (mi & 1)));
+        mma::ldmatrix_x4(b, pk + j * 8 * L::kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma::mma16816<T>(acc[mt][j], a[mt], b[0], b[1]);
@@ -267,6 +312,8 @@ __device__ __forceinline__ void gemm_pb_mt(float (&out)[MT][D / 8][4], const flo
   using L = Tile<T, D>;
   if constexpr (kTensorCores<T>) {
     static_assert(NK % 2 == 0, "16-wide k steps");
+    const int mi = lane >> 3;  // the B address as in gemm_pb
+    const uint32_t pb = L::addr(sB, b0 + (lane & 7) + (mi & 1) * 8, mi >> 1);
 #pragma unroll
     for (int kk = 0; kk < NK / 2; ++kk) {
       uint32_t a[MT][4];
@@ -280,8 +327,7 @@ __device__ __forceinline__ void gemm_pb_mt(float (&out)[MT][D / 8][4], const flo
 #pragma unroll
       for (int dt = 0; dt < D / 8; dt += 2) {
         uint32_t b[4];
-        const int mi = lane >> 3;
-        mma::ldmatrix_x4_trans(b, sB + L::off(b0 + kk * 16 + (lane & 7) + (mi & 1) * 8, dt + (mi >> 1)));
+        mma::ldmatrix_x4_trans(b, (pb ^ (dt * 16)) + kk * 16 * L::kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma::mma16816<T>(out[mt][dt], a[mt], b[0], b[1]);
