@@ -40,8 +40,8 @@ __device__ __forceinline__ void write_block_partial(const ConvParams& p, int64_t
   }
 }
 
-// d silu(v) / dv. For 16-bit dx the sigmoid comes from one tanh.approx instead of an exp and a
-// reciprocal (mma::sigmoid_io): the kernel is issue-bound.
+// d silu(v) / dv, with the sigmoid at the precision of io dtype T (mma::sigmoid_io): for 16-bit
+// dx one tanh.approx instead of an exp and a reciprocal, where the kernel is issue-bound.
 template <typename T>
 __device__ __forceinline__ float dsilu_io(float v) {
   const float s = mma::sigmoid_io<T>(v);
@@ -297,7 +297,7 @@ __global__ __launch_bounds__(kClBwdThreads) void bwd_cl_kernel(ConvParams p) {
 #pragma unroll
           for (int k = 0; k < W; ++k) pre += same[k] ? w[k][e] * xw[k][e] : 0.f;
           const float gi = live ? gv[e] : 0.f;
-          const float dz = p.silu ? gi * dsilu_f(pre) : gi;
+          const float dz = p.silu ? gi * dsilu_io<float>(pre) : gi;  // fp32 sigmoid for every dtype here
           dzw[W - 1][e] = dz;
           if (i < TL) {
 #pragma unroll

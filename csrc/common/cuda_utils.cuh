@@ -59,12 +59,6 @@ __device__ __forceinline__ float unpack_one(const uint4& raw, int i) {
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
-// d silu(v) / dv
-__device__ __forceinline__ float dsilu_f(float v) {
-  const float s = 1.f / (1.f + __expf(-v));
-  return s * (1.f + v * (1.f - s));
-}
-
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

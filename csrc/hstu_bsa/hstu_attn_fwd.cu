@@ -1,8 +1,8 @@
 // Dense causal HSTU attention, forward (CUDA): out(t) = sum_{j <= t} silu(alpha q_t.k_j) / n
 // * mask(t, j) v_j per (sequence, head). No softmax, so no running max: a CTA owns 128 queries
 // (8 warps x 16 rows; 64 = 4 x 16 on the fp32 FFMA path), keeps O in registers (at most 128
-// registers on the tensor cores: 2 CTAs = 16 warps per SM) and walks the 64-key tiles 0 .. its
-// diagonal through a cp.async pipeline (2 stages at d 128, 3 below) with one barrier per tile:
+// registers on the tensor cores: 2 CTAs = 16 warps per SM) and walks the key tiles (kBN) 0 .. its
+// diagonal through a cp.async pipeline (kStages) with one barrier per tile:
 // S = Q K^T, P = silu(alpha S) / n (masked on the diagonal tile and where attn_mask is given),
 // O += P V with P reused from the accumulators. attn_mask is a template parameter, so the
 // unmasked kernel carries no per-element mask loads.
@@ -31,7 +31,7 @@ template <typename T, int D>
 constexpr int kBN = kTensorCores<T> && D >= 128 ? 32 : 64;
 // K / V pipeline depth: 3 stages on the tensor cores (d 128: Q 32 KB + 3 x 16 KB = 80 KB, two
 // CTAs per SM), 2 on the fp32 path (its tiles are twice the bytes).
-template <typename T, int D>
+template <typename T>
 constexpr int kStages = kTensorCores<T> ? 3 : 2;
 // CTAs per SM the register budget is set for (tensor cores: 2 x 256 threads -> <= 128 registers).
 template <typename T>
@@ -39,7 +39,7 @@ constexpr int kMinCtas = kTensorCores<T> ? 2 : 1;
 
 template <typename T, int D>
 constexpr size_t fwd_smem() {
-  return size_t(kBM<T> + 2 * kStages<T, D> * kBN<T, D>) * D * sizeof(T) +
+  return size_t(kBM<T> + 2 * kStages<T> * kBN<T, D>) * D * sizeof(T) +
          size_t(kFwdWarps<T>) * scratch_floats<T, kBN<T, D> / 8>() * 4;
 }
 
@@ -57,7 +57,7 @@ template <typename T, int D, bool MASK>
 __global__ void __launch_bounds__(kFwdThreads<T>, kMinCtas<T>) dense_fwd_kernel(const HstuParams p, const Operand Q,
                                                                                const Operand K, const Operand V,
                                                                                int n_tiles) {
-  constexpr int NTH = kFwdThreads<T>, BM = kBM<T>, S = kStages<T, D>, BN = kBN<T, D>, NT = BN / 8;
+  constexpr int NTH = kFwdThreads<T>, BM = kBM<T>, S = kStages<T>, BN = kBN<T, D>, NT = BN / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * D;       // S stages
