@@ -212,8 +212,7 @@ __device__ __forceinline__ uint32_t peek_state(const LookBack& lb, int64_t k) {
 // Row thread r (< tile rows) passes its row's pair for this tile and `edge`, the state
 // entering the first tile of the scan; gets the state entering this tile, after publishing
 // the state leaving it. `ahead`: peek_state(k) read earlier. Blocks start in index order, so
-// every tile waited on is running. kBatch: tiles read per round trip of the walk.
-template <int kBatch = 8>
+// every tile waited on is running.
 __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, float2 own, float edge,
                                              uint32_t ahead = kEmpty) {
   const int64_t step = k / lb.n_strips;  // tiles of one strip are k, k - n_strips, ...
@@ -231,6 +230,7 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
   // Walk back, kBatch tiles per round trip, to the nearest tile that has published its state;
   // every tile passed on the way must have published its pair. Then fold forward from it: the
   // pairs of the last round from registers, those of earlier rounds read again.
+  constexpr int kBatch = 8;  // tiles read per round trip of the walk
   const uint32_t* state = lb.state + me;
   const uint64_t* agg = lb.agg + me;
   float h = 0.f;

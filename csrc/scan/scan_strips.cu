@@ -8,6 +8,8 @@
 // scan_cuda.cuh, then h and y from the state entering its steps.
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "common/dispatch.h"
 #include "common/mma.cuh"
 #include "scan/scan.h"
@@ -36,19 +38,30 @@ struct StripTile {
 template <typename T>
 constexpr size_t kStripSmem = kStages * sizeof(StripTile<T>);
 
-// Tile k: its strip (batch bb, channels d0 ..) and first step t0.
+// Where tile k = chunk * n_strips + strip lies: batch bb, channels d0 .., steps t0 ... Advanced
+// by the grid stride with 32-bit arithmetic (the host checks the bounds), not a 64-bit division
+// per tile.
 struct TileAt {
-  int64_t chunk, bb, d0, t0;
+  int64_t k;
+  uint32_t chunk, strip;
+  __device__ void advance(int64_t grid, uint32_t grid_chunks, uint32_t grid_strips, uint32_t n_strips) {
+    k += grid;
+    chunk += grid_chunks;
+    strip += grid_strips;
+    if (strip >= n_strips) {
+      strip -= n_strips;
+      ++chunk;
+    }
+  }
+  __device__ uint32_t bb(uint32_t n_dstrips) const { return strip / n_dstrips; }
+  __device__ int64_t d0(uint32_t n_dstrips) const { return int64_t(strip % n_dstrips) * kStripRows; }
+  template <typename T>
+  __device__ int64_t t0() const { return int64_t(chunk) * kStripSteps<T>; }
 };
-template <typename T>
-__device__ __forceinline__ TileAt tile_at(int64_t k, const LookBack& lb, int64_t n_dstrips) {
-  const int64_t chunk = k / lb.n_strips, strip = k % lb.n_strips;
-  return {chunk, strip / n_dstrips, (strip % n_dstrips) * kStripRows, chunk * kStripSteps<T>};
-}
 
 // T: x, a, b, c; Y: y. Writes y (if p.y), the states or the chunk states if asked, the final state.
 template <typename T, typename Y>
-__global__ __launch_bounds__(kThreads, 2) void fwd_strips_kernel(ScanParams p, LookBack lb, int64_t n_dstrips) {
+__global__ __launch_bounds__(kThreads, 2) void fwd_strips_kernel(ScanParams p, LookBack lb, uint32_t n_dstrips) {
   constexpr int S = kWarpSteps<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   StripTile<T>* tiles = reinterpret_cast<StripTile<T>*>(smem_raw);
@@ -58,19 +71,29 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_strips_kernel(ScanParams p, L
   const int64_t n_tiles = lb.n_strips * lb.n_chunks, grid = gridDim.x;
   const bool has_b = p.b.ptr != nullptr, has_c = p.c.ptr != nullptr && p.y.ptr != nullptr;
 
-  // Copies tile k (if it exists) into stage `stage`; always commits a group, so the number of
-  // groups in flight stays kStages - 1. Steps past L and channels past D read as zeros.
-  auto issue = [&](int64_t k, int stage) {
-    if (k < n_tiles) {
-      const TileAt at = tile_at<T>(k, lb, n_dstrips);
+  const uint32_t n_strips = uint32_t(lb.n_strips), grid_chunks = uint32_t(grid / n_strips),
+                 grid_strips = uint32_t(grid % n_strips);
+  const TileAt first{blockIdx.x, uint32_t(blockIdx.x / n_strips), uint32_t(blockIdx.x % n_strips)};
+
+  // Copies tile `at` (if it exists) into stage `stage`; always commits a group, so the number of
+  // groups in flight stays kStages - 1. Steps past L and channels past D read as zeros. Thread
+  // i copies the 16-byte pieces i, i + kThreads, ..., the same places in every tile.
+  constexpr int kPieces = kStripRows / kPieceElems<T>, kCopies = kStripSteps<T> * kPieces;
+  constexpr int kStepStride = kThreads / kPieces;
+  static_assert(kCopies % kThreads == 0 && kThreads % kPieces == 0, "whole copies per thread");
+  const int step0 = threadIdx.x / kPieces, q0 = (threadIdx.x % kPieces) * kPieceElems<T>;
+  auto issue = [&](const TileAt& at, int stage) {
+    if (at.k < n_tiles) {
+      const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T>();
+      const int steps_left = int(std::min<int64_t>(p.seqlen - t0, kStripSteps<T>));
+      const bool row_ok = d0 + q0 < p.dim;
       auto copy = [&](const View3& v, int input) {
-        constexpr int kPieces = kStripRows / kPieceElems<T>, kCopies = kStripSteps<T> * kPieces;
-        const T* base = static_cast<const T*>(v.ptr) + at.bb * v.sb + at.d0;
+        const T* src = static_cast<const T*>(v.ptr) + bb * v.sb + (t0 + step0) * v.sl + d0 + q0;
 #pragma unroll
-        for (int m = threadIdx.x; m < kCopies; m += kThreads) {
-          const int step = m / kPieces, q = (m % kPieces) * kPieceElems<T>;
-          const bool ok = at.t0 + step < p.seqlen && at.d0 + q < p.dim;
-          mma::cp_async16(&tiles[stage].v[input][step][q], ok ? base + (at.t0 + step) * v.sl + q : v.ptr, ok);
+        for (int j = 0; j < kCopies / kThreads; ++j) {
+          const bool ok = row_ok && step0 + j * kStepStride < steps_left;
+          mma::cp_async16(&tiles[stage].v[input][step0 + j * kStepStride][q0],
+                          ok ? src + int64_t(j * kStepStride) * v.sl : v.ptr, ok);
         }
       };
       copy(p.a, kA);
@@ -81,63 +104,93 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_strips_kernel(ScanParams p, L
     mma::cp_async_commit();
   };
 
+  TileAt next = first;  // the next tile to copy
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(blockIdx.x + s * grid, s);
+  for (int s = 0; s < kStages - 1; ++s) {
+    issue(next, s);
+    next.advance(grid, grid_chunks, grid_strips, n_strips);
+  }
   // Warp 0 reads the state it needs from the tile before the next one a whole tile ahead: with
   // more strips than CTAs that tile is long done, and the look-back costs no round trip.
-  uint32_t ahead = warp == 0 ? peek_state(lb, blockIdx.x) : kEmpty;
+  uint32_t ahead = warp == 0 ? peek_state(lb, first.k) : kEmpty;
   int stage = 0;
-  for (int64_t k = blockIdx.x; k < n_tiles; k += grid) {
-    issue(k + (kStages - 1) * grid, (stage + kStages - 1) % kStages);
+  for (TileAt at = first; at.k < n_tiles; at.advance(grid, grid_chunks, grid_strips, n_strips)) {
+    const int64_t k = at.k;
+    issue(next, (stage + kStages - 1) % kStages);
+    next.advance(grid, grid_chunks, grid_strips, n_strips);
     mma::cp_async_wait<kStages - 1>();
     __syncthreads();
     const StripTile<T>& tile = tiles[stage];
-    const TileAt at = tile_at<T>(k, lb, n_dstrips);
-    const int64_t d = at.d0 + lane, tw = at.t0 + warp * S;
+    const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T>();
+    const int64_t d = d0 + lane, tw = t0 + warp * S;
     const bool row_ok = d < p.dim;
     const int n_steps = p.seqlen - tw <= 0 ? 0 : (p.seqlen - tw < S ? int(p.seqlen - tw) : S);
-    auto u_at = [&](int i) {
-      const float xv = float(tile.v[kX][warp * S + i][lane]);
-      return has_b ? float(tile.v[kB][warp * S + i][lane]) * xv : xv;
-    };
+    auto in = [&](int input, int i) { return float(tile.v[input][warp * S + i][lane]); };
+    auto u_at = [&](int i) { return has_b ? in(kB, i) * in(kX, i) : in(kX, i); };
+    // A warp's steps all exist in all but the last tile of a strip: no per-step tests there.
+    const bool all_steps = n_steps == S;
 
     float2 pu = make_float2(1.f, 0.f);
+    auto pair_steps = [&](auto whole_c) {
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      if (i < n_steps) {
-        const float av = float(tile.v[kA][warp * S + i][lane]);
-        pu = make_float2(av * pu.x, av * pu.y + u_at(i));
+      for (int i = 0; i < S; ++i) {
+        if (decltype(whole_c)::value || i < n_steps) {
+          const float av = in(kA, i);
+          pu = make_float2(av * pu.x, av * pu.y + u_at(i));
+        }
       }
-    }
+    };
+    if (all_steps) pair_steps(std::true_type{});
+    else pair_steps(std::false_type{});
     pairs[warp][lane] = pu;
     const float2 whole = compose_warps<true, kStripRows>(pairs);
     if (warp == 0) {
       float edge = 0.f;
-      if (row_ok && at.chunk == 0 && p.initial_state.ptr)
-        edge = load_as<float>(p.initial_state.ptr, p.initial_dtype, at.bb * p.initial_state.sb + d * p.initial_state.sd);
-      const float h0 = chain_tiles<16>(lb, k, whole, edge, ahead);
+      if (row_ok && k < lb.n_strips && p.initial_state.ptr)
+        edge = load_as<float>(p.initial_state.ptr, p.initial_dtype, bb * p.initial_state.sb + d * p.initial_state.sd);
+      const float h0 = chain_tiles(lb, k, whole, edge, ahead);
       h_in[lane] = h0;
       ahead = k + grid < n_tiles ? peek_state(lb, k + grid) : kEmpty;
       if (row_ok && at.chunk == lb.n_chunks - 1 && p.final_state.ptr)
-        static_cast<float*>(p.final_state.ptr)[at.bb * p.final_state.sb + d * p.final_state.sd] = whole.x * h0 + whole.y;
+        static_cast<float*>(p.final_state.ptr)[bb * p.final_state.sb + d * p.final_state.sd] = whole.x * h0 + whole.y;
     }
     __syncthreads();
 
-    const float2 before = pairs[warp][lane];
-    float h = before.x * h_in[lane] + before.y;
+    if (row_ok && n_steps > 0) {
+      const float2 before = pairs[warp][lane];
+      float h = before.x * h_in[lane] + before.y;
+      // A chunk of kChunk steps starts only at a warp's first step (S divides kChunk).
+      static_assert(kChunk % S == 0, "warp steps within one chunk");
+      if (p.chunk_states.ptr && (warp * S) % kChunk == 0)
+        static_cast<float*>(p.chunk_states.ptr)[bb * p.chunk_states.sb + (tw / kChunk) * p.chunk_states.sl +
+                                                d * p.chunk_states.sd] = h;
+      Y* y = p.y.ptr ? static_cast<Y*>(p.y.ptr) + bb * p.y.sb + tw * p.y.sl + d * p.y.sd : nullptr;
+      float* hs = p.states.ptr ? static_cast<float*>(p.states.ptr) + bb * p.states.sb + tw * p.states.sl +
+                                     d * p.states.sd
+                               : nullptr;
+      float hv[S];
+      auto out_steps = [&](auto whole_c) {
+        constexpr bool kWhole = decltype(whole_c)::value;
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      if (i < n_steps && row_ok) {
-        const int64_t t = tw + i;
-        if (p.chunk_states.ptr && t % kChunk == 0)
-          static_cast<float*>(p.chunk_states.ptr)[at.bb * p.chunk_states.sb + (t / kChunk) * p.chunk_states.sl +
-                                                  d * p.chunk_states.sd] = h;
-        h = float(tile.v[kA][warp * S + i][lane]) * h + u_at(i);
-        if (p.y.ptr)
-          static_cast<Y*>(p.y.ptr)[at.bb * p.y.sb + t * p.y.sl + d * p.y.sd] =
-              Y(has_c ? float(tile.v[kC][warp * S + i][lane]) * h : h);
-        if (p.states.ptr) static_cast<float*>(p.states.ptr)[at.bb * p.states.sb + t * p.states.sl + d * p.states.sd] = h;
-      }
+        for (int i = 0; i < S; ++i)
+          if (kWhole || i < n_steps) hv[i] = h = in(kA, i) * h + u_at(i);
+        if (y && has_c) {
+#pragma unroll
+          for (int i = 0; i < S; ++i)
+            if (kWhole || i < n_steps) y[i * p.y.sl] = Y(in(kC, i) * hv[i]);
+        } else if (y) {
+#pragma unroll
+          for (int i = 0; i < S; ++i)
+            if (kWhole || i < n_steps) y[i * p.y.sl] = Y(hv[i]);
+        }
+        if (hs) {
+#pragma unroll
+          for (int i = 0; i < S; ++i)
+            if (kWhole || i < n_steps) hs[i * p.states.sl] = hv[i];
+        }
+      };
+      if (all_steps) out_steps(std::true_type{});
+      else out_steps(std::false_type{});
     }
     __syncthreads();  // the stage and pairs are rewritten next
     stage = stage + 1 == kStages ? 0 : stage + 1;
@@ -174,11 +227,13 @@ bool launch_strips_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType ou
       C10_CUDA_CHECK(cudaGetDevice(&device));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-      const int64_t n_dstrips = (p.dim + kStripRows - 1) / kStripRows;
-      ScratchSpace ws(p.batch * n_dstrips, (p.seqlen + kStripSteps<T> - 1) / kStripSteps<T>, kStripRows, like);
+      const int64_t n_dstrips = (p.dim + kStripRows - 1) / kStripRows,
+                    n_chunks = (p.seqlen + kStripSteps<T> - 1) / kStripSteps<T>;
+      if (p.batch * n_dstrips >= (int64_t(1) << 31) || n_chunks >= (int64_t(1) << 31)) return;  // 32-bit tile coordinates
+      ScratchSpace ws(p.batch * n_dstrips, n_chunks, kStripRows, like);
       // Every CTA resident at once: a tile waits only on lower tiles, taken by running CTAs.
       const int64_t grid = std::min<int64_t>(int64_t(ws.blocks()), int64_t(std::max(per_sm, 1)) * sms);
-      kernel<<<unsigned(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, ws.lb, n_dstrips);
+      kernel<<<unsigned(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, ws.lb, uint32_t(n_dstrips));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       done = true;
     });
