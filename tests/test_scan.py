@@ -485,6 +485,52 @@ def test_time_contiguous_many_rows(device, dtype, out_dtype, opts):
                  checkpoint=opts != "stored")
 
 
+STRIP_SIZES = [  # (B, L, D): D contiguous, D >= 32 and a multiple of 8 (CUDA strip mode)
+    (2, 300, 40),     # a partial strip of channels; L ends inside a tile (64 fp32 / 128 16-bit steps)
+    (3, 64, 96),      # whole tiles, several strips per batch
+    (1, 20000, 32),   # one strip, hundreds of tiles: long look-back chains between CTAs
+    (1, 1, 32),       # L = 1
+]
+
+
+# the long case runs the plain, allopts and stored options once per input dtype
+STRIP_CASES = [(size, dt, odt, opts)
+               for size in STRIP_SIZES
+               for dt, odt in [(F32, None), (BF16, None), (BF16, F32), (F16, None), (F32, BF16)]
+               for opts in ["plain", "b", "c", "allopts", "stored"]
+               if size[1] <= 1000 or (odt is None and opts in ("plain", "allopts", "stored"))]
+
+
+@pytest.mark.parametrize("size,dtype,out_dtype,opts", STRIP_CASES)
+def test_channel_contiguous_strips(device, size, dtype, out_dtype, opts):
+    """(B, L, D)-contiguous inputs with D >= 32 (CUDA: 32-channel strips through shared memory,
+    persistent CTAs chained by look-back). Forward and gradients vs the reference, with and
+    without b, c, initial state, in checkpoint and stored-states mode."""
+    B, L, D = size
+    x, a, b, c, h0 = _inputs(B, L, D, dtype, device, opts in ("b", "allopts", "stored"),
+                             opts in ("c", "allopts", "stored"), opts in ("allopts", "stored"))
+    _check_fwd(x, a, b, c, h0, out_dtype=out_dtype, checkpoint=opts != "stored")
+    _check_grads(x, a, b, c, h0, True, out_dtype=out_dtype, tol=1e-2 if dtype != F32 else 1e-5,
+                 checkpoint=opts != "stored")
+
+
+@pytest.mark.parametrize("kind", ["sliced_d", "misaligned", "l_stride"])
+def test_channel_contiguous_views(device, kind):
+    """Strided (B, L, D) views: a slice of wider channels and an L stride keep 16-byte rows
+    (strip mode); a view one element off 16-byte alignment takes the general tiles."""
+    B, L, D = 2, 200, 48
+    full = [t for t in _inputs(B, 2 * L, D + 8, F32, device, True, True, True)]
+    if kind == "sliced_d":
+        x, a, b, c = (t[:, :L, 4:4 + D] for t in full[:4])
+    elif kind == "misaligned":
+        x, a, b, c = (t[:, :L, 1:1 + D] for t in full[:4])
+    else:
+        x, a, b, c = (t[:, ::2, :D] for t in full[:4])
+    h0 = full[4][:, :D]
+    _check_fwd(x, a, b, c, h0)
+    _check_grads(x, a, b, c, h0, True)
+
+
 def test_bwd_only_final_state(device):
     """Only the final state carries a gradient (y unused): dc is zero, the rest flows back."""
     x, a, b, c, h0 = _inputs(2, 17, 6, F32, device, True, True, True)

@@ -203,24 +203,39 @@ struct LookBack {
   int tile_rows;
 };
 
+// The state leaving tile k's predecessor in the same strip, if published yet (kEmpty if not or
+// if k is a strip's first tile); read ahead, it spares chain_tiles its walk.
+__device__ __forceinline__ uint32_t peek_state(const LookBack& lb, int64_t k) {
+  return k < lb.n_strips ? kEmpty : ld_relaxed32(lb.state + (k - lb.n_strips) * lb.tile_rows + threadIdx.x);
+}
+
 // Row thread r (< tile rows) passes its row's pair for this tile and `edge`, the state
 // entering the first tile of the scan; gets the state entering this tile, after publishing
-// the state leaving it. Blocks start in index order, so every tile waited on is running.
-__device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, float2 own, float edge) {
+// the state leaving it. `ahead`: peek_state(k) read earlier. Blocks start in index order, so
+// every tile waited on is running.
+__device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, float2 own, float edge,
+                                             uint32_t ahead = kEmpty) {
   const int64_t step = k / lb.n_strips;  // tiles of one strip are k, k - n_strips, ...
   const int64_t stride = lb.n_strips * lb.tile_rows, me = k * lb.tile_rows + threadIdx.x;
   if (step == 0) {
     st_relaxed32(lb.state + me, publishable(own.x * edge + own.y));
     return edge;
   }
+  if (ahead != kEmpty) {  // nothing to publish but the state: no tile waits on this one's pair
+    const float h = __uint_as_float(ahead);
+    st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
+    return h;
+  }
   st_relaxed64(lb.agg + me, uint64_t(publishable(own.x)) | (uint64_t(publishable(own.y)) << 32));
   // Walk back, kBatch tiles per round trip, to the nearest tile that has published its state;
-  // every tile passed on the way must have published its pair. Then fold forward from it.
-  constexpr int kBatch = 8;
+  // every tile passed on the way must have published its pair. Then fold forward from it: the
+  // pairs of the last round from registers, those of earlier rounds read again.
+  constexpr int kBatch = 8;  // tiles read per round trip of the walk
   const uint32_t* state = lb.state + me;
   const uint64_t* agg = lb.agg + me;
-  int64_t found = -1;
-  for (int64_t s = step - 1; found < 0;) {
+  float h = 0.f;
+  int64_t s = step - 1;
+  for (bool found = false; !found;) {
     uint32_t st[kBatch];
     uint64_t pu[kBatch];
 #pragma unroll
@@ -229,29 +244,28 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
       pu[q] = s - q >= 0 ? ld_relaxed64(agg - (step - s + q) * stride) : 0;
     }
     int q = kBatch;  // first tile (s - q) in the batch that has not only its pair
-    bool has_state = false;
 #pragma unroll
-    for (int i = kBatch - 1; i >= 0; --i) {  // unrolled, so st and pu stay in registers
-      if (s - i >= 0 && (st[i] != kEmpty || uint32_t(pu[i]) == kEmpty)) {
-        q = i;
-        has_state = st[i] != kEmpty;
+    for (int i = kBatch - 1; i >= 0; --i)  // unrolled, so st and pu stay in registers
+      if (s - i >= 0 && (st[i] != kEmpty || uint32_t(pu[i]) == kEmpty)) q = i;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (i == q && st[i] != kEmpty) {
+        found = true;
+        h = __uint_as_float(st[i]);
       }
     }
-    if (has_state) {
-      found = s - q;
+    if (found) {
+#pragma unroll
+      for (int i = kBatch - 1; i >= 0; --i)
+        if (i < q) h = __uint_as_float(uint32_t(pu[i])) * h + __uint_as_float(uint32_t(pu[i] >> 32));
     } else {
       s -= q;  // tile s - q (if q < kBatch) has published nothing yet; step 0 always publishes its state
       if (q < kBatch) __nanosleep(32);
     }
   }
-  float h = __uint_as_float(ld_relaxed32(state - (step - found) * stride));
-  for (int64_t s = found + 1; s < step; s += kBatch) {
-    uint64_t pu[kBatch];
-#pragma unroll
-    for (int q = 0; q < kBatch; ++q) pu[q] = s + q < step ? ld_relaxed64(agg - (step - s - q) * stride) : 0;
-#pragma unroll
-    for (int q = 0; q < kBatch; ++q)
-      if (s + q < step) h = __uint_as_float(uint32_t(pu[q])) * h + __uint_as_float(uint32_t(pu[q] >> 32));
+  for (++s; s < step; ++s) {  // tiles passed in earlier rounds
+    const uint64_t pu = ld_relaxed64(agg - (step - s) * stride);
+    h = __uint_as_float(uint32_t(pu)) * h + __uint_as_float(uint32_t(pu >> 32));
   }
   st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
   return h;
@@ -333,24 +347,33 @@ void mode_switch(Mode m, F&& f) {
   }
 }
 
-// Allocates the look-back scratch of one launch, filled with kEmpty (on the current stream).
+// Allocates the look-back scratch of one launch, filled with kEmpty (on the current stream):
+// n_strips strips of tile_rows rows, each cut into n_chunks tiles along L.
 struct ScratchSpace {
   at::Tensor data;
   LookBack lb;
-  ScratchSpace(const ScanParams& p, int tile_rows, const at::Tensor& like) {
-    TORCH_CHECK(p.batch * p.dim < (int64_t(1) << 31) && p.seqlen < (int64_t(1) << 31),
-                msg("scan on CUDA: batch * dim and seqlen must each be below 2^31, got batch * dim = ",
-                    p.batch * p.dim, ", seqlen = ", p.seqlen));
+  ScratchSpace(int64_t n_strips, int64_t n_chunks, int tile_rows, const at::Tensor& like) {
     lb.tile_rows = tile_rows;
-    lb.n_strips = (p.batch * p.dim + tile_rows - 1) / tile_rows;
-    lb.n_chunks = num_chunks(p.seqlen);
-    const int64_t slots = lb.n_strips * lb.n_chunks * tile_rows;
+    lb.n_strips = n_strips;
+    lb.n_chunks = n_chunks;
+    const int64_t slots = n_strips * n_chunks * tile_rows;
     data = at::empty({slots * 3}, like.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(data.data_ptr(), 0xFF, data.numel() * 4, c10::cuda::getCurrentCUDAStream()));
     lb.agg = reinterpret_cast<uint64_t*>(data.data_ptr<int>());
     lb.state = reinterpret_cast<uint32_t*>(data.data_ptr<int>() + slots * 2);
   }
+  // The tiles of kChunk steps over rows r = b*D + d.
+  ScratchSpace(const ScanParams& p, int tile_rows, const at::Tensor& like)
+      : ScratchSpace((check_rows(p), (p.batch * p.dim + tile_rows - 1) / tile_rows), num_chunks(p.seqlen), tile_rows,
+                     like) {}
   unsigned blocks() const { return static_cast<unsigned>(lb.n_strips * lb.n_chunks); }
+
+ private:
+  static void check_rows(const ScanParams& p) {
+    TORCH_CHECK(p.batch * p.dim < (int64_t(1) << 31) && p.seqlen < (int64_t(1) << 31),
+                msg("scan on CUDA: batch * dim and seqlen must each be below 2^31, got batch * dim = ",
+                    p.batch * p.dim, ", seqlen = ", p.seqlen));
+  }
 };
 
 // Calls f with T{} when out is T's dtype, else with float{} (the caller casts other dtypes).
@@ -365,8 +388,10 @@ void launch_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out, cons
 
 // Row mode (scan_rows.cu), for L-contiguous layouts with many rows; false when p does not
 // allow it (then the tiles run). The backward needs chunk states and no stored states.
+// Strip mode (scan_strips.cu), the forward for D-contiguous layouts; false when p does not allow it.
 bool launch_rows_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out);
 bool launch_rows_bwd(const ScanParams& p, at::ScalarType in, at::ScalarType dy);
+bool launch_strips_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out, const at::Tensor& like);
 
 }  // namespace scan
 }  // namespace ssm_ext

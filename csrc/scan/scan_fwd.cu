@@ -76,7 +76,7 @@ __global__ __launch_bounds__(kThreads, 2) void fwd_kernel(ScanParams p, LookBack
 }  // namespace
 
 void launch_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out, const at::Tensor& like) {
-  if (launch_rows_fwd(p, in, out)) return;
+  if (launch_rows_fwd(p, in, out) || launch_strips_fwd(p, in, out, like)) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_io_dtype(in, "x", [&](auto tin) {
     using T = decltype(tin);

@@ -11,3 +11,4 @@ if [ -n "${ASAN:-}" ]; then
 fi
 HEMU_SO=$so python3 "$here/check_issm.py"
 HEMU_SO=$so python3 "$here/check_norm.py"
+HEMU_SO=$so python3 "$here/check_scan.py"

@@ -1,6 +1,56 @@
 # kernel<<<g, b, s, st>>>(args);  ->  emu::launch(dim3(g), dim3(b), s, [&] { kernel(args); });
-import re, sys
+# extern __shared__ T name[];    ->  T* name = emu dynamic shared memory;
+# inline-PTX functions (HOST_BODIES) get host bodies; EDITS hook the look-back emulation.
+# usage: transform.py in out [files appended to the result...]; out is rewritten only when its
+# text changes (ninja then rebuilds only what changed).
+import os, re, sys
 src = open(sys.argv[1]).read()
+base = os.path.basename(sys.argv[1])
+
+# Host bodies of the device functions written in inline PTX, per file. Those a host kernel
+# must not reach abort (emu::unsupported).
+HOST_BODIES = {
+    "mma.cuh": {
+        "smem_u32": "return uint32_t(reinterpret_cast<uintptr_t>(p));",
+        "cp_async16": "emu::cp_async16(smem, gmem, valid);",
+        "cp_async_commit": "emu::cp_async_commit();",
+        "cp_async_wait": "emu::cp_async_wait(N);",
+        "ldmatrix_x4": 'emu::unsupported("ldmatrix");',
+        "ldmatrix_x4_trans": 'emu::unsupported("ldmatrix.trans");',
+        "mma16816": 'emu::unsupported("mma.sync");',
+        "pack2": 'emu::unsupported("pack2");',
+        "tanh_approx": "return std::tanh(x);",
+    },
+    "scan_cuda.cuh": {
+        "ld_relaxed32": "return emu::ld_relaxed(p);",
+        "ld_relaxed64": "return emu::ld_relaxed(p);",
+        "st_relaxed32": "emu::st_relaxed(p, v);",
+        "st_relaxed64": "emu::st_relaxed(p, v);",
+    },
+}
+# Exact rewrites (each must occur once): emu::hide_states() makes the look-back walk.
+EDITS = {
+    "scan_cuda.cuh": [
+        ("return k < lb.n_strips ? kEmpty : ld_relaxed32(",
+         "return k < lb.n_strips || emu::hide_states() ? kEmpty : ld_relaxed32("),
+        ("st[q] = s - q >= 0 ? ld_relaxed32(state - (step - s + q) * stride) : kEmpty;",
+         "st[q] = s - q >= 0 ? emu::lookback_state(ld_relaxed32(state - (step - s + q) * stride), agg - (step - s + q) * stride) : kEmpty;"),
+    ],
+}
+for old, new in EDITS.get(base, []):
+    assert src.count(old) == 1, f"{base}: {old!r} found {src.count(old)} times"
+    src = src.replace(old, new)
+for name, body in HOST_BODIES.get(base, {}).items():
+    m = list(re.finditer(r"__device__[^;{}]*?\b" + name + r"\s*\([^;{}]*\)\s*\{", src))
+    assert len(m) == 1, f"{base}: {len(m)} definitions of {name}"
+    b, d = m[0].end(), 1
+    e = b
+    while d:
+        d += {"{": 1, "}": -1}.get(src[e], 0)
+        e += 1
+    src = src[:b] + " " + body + " " + src[e - 1:]
+src = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\[\];",
+             r"\1* \2 = reinterpret_cast<\1*>(emu::dyn_smem());", src)
 out, i = [], 0
 while True:
     j = src.find("<<<", i)
@@ -41,4 +91,6 @@ while True:
     i = q + 2
 s = "".join(out)
 s = re.sub(r"TORCH_LIBRARY_IMPL\(ssm_ext, CUDA, m\) \{", "[[maybe_unused]] static void emu_unused_registration(torch::Library& m) {", s)
-open(sys.argv[2], "w").write(s)
+s += "".join(open(f).read() for f in sys.argv[3:])
+if not os.path.exists(sys.argv[2]) or open(sys.argv[2]).read() != s:
+    open(sys.argv[2], "w").write(s)
