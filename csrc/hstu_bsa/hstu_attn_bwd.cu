@@ -4,10 +4,12 @@
 // dk/dv pass: a CTA owns 64 keys (K, V resident in shared memory) and walks the query tiles
 // from its diagonal to the end of the sequence, computing S^T = K Q^T and dP^T = V dO^T, so
 // w^T and dS^T are already the A operands of dV += w^T dO and dK += dS^T Q.
-// dq pass: a CTA owns 128 queries (2 row tiles per warp; 64 on the fp32 path), Q and dO
-// resident, and walks the 32-key tiles (64 on fp32) up to its diagonal:
-// S = Q K^T, dP = dO V^T, dQ += dS K. Each output element is summed by one thread in a fixed
-// order, so results are bitwise reproducible.
+// dq pass: the forward's shape (hstu_tile.cuh: a CTA owns 128 queries, 8 warps x 16 rows, at
+// most 128 registers so 2 CTAs = 16 warps per SM; fp32: 64 queries, 4 warps), Q and dO resident,
+// walking the key tiles (32 keys at d 128 on the tensor cores, else 64) up to its diagonal
+// through the forward's K / V ring (walk_kv_tiles): S = Q K^T, dP = dO V^T, dQ += dS K.
+// attn_mask is a template parameter of the dq pass. Each output element is summed by one thread
+// in a fixed order, so results are bitwise reproducible.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -18,15 +20,6 @@ namespace ssm_ext {
 namespace hstu_bsa {
 namespace {
 
-// dq pass: 2 row tiles per warp and 32-key tiles on the tensor cores (128 queries per CTA; dQ,
-// S and dP fit in registers), 1 row tile and 64-key tiles on the fp32 path.
-template <typename T>
-constexpr int kDqMT = kTensorCores<T> ? 2 : 1;
-template <typename T>
-constexpr int kDqBM = kWarps * 16 * kDqMT<T>;
-template <typename T>
-constexpr int kDqBN = kTensorCores<T> ? 32 : 64;
-
 // Query columns per tile in the dk/dv pass (32 at D = 128 keeps dK, dV, S, dP in registers).
 template <int D>
 constexpr int kQC = D >= 128 ? 32 : 64;
@@ -35,9 +28,12 @@ template <typename T, int D>
 constexpr size_t dkdv_smem() {
   return size_t(2 * kRows + 4 * kQC<D>) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kQC<D> / 8>() * 4;
 }
+// Q, dO resident (kQRows each) + the K / V ring: bf16 d 128 64 + 48 = 112 KB (2 CTAs per SM on
+// the H100's 228 KB), d 64 32 + 48 = 80 KB; fp32 (2 stages of 64 keys) d 128 209 KB.
 template <typename T, int D>
 constexpr size_t dq_smem() {
-  return size_t(2 * kDqBM<T> + 4 * kDqBN<T>) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kDqBN<T> / 8>() * 4;
+  return size_t(2 * kQRows<T> + 2 * kKvStages<T> * kKeyTile<T, D>) * D * sizeof(T) +
+         size_t(kQWarps<T>) * scratch_floats<T, kKeyTile<T, D> / 8>() * 4;
 }
 
 struct BwdOperands {
@@ -123,89 +119,75 @@ __global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p
   store_frag<T, D>(dv, odv, p.dv, w * 16, len - k0, static_cast<int>(p.dim_v), 1.f, lane);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dense_dq_kernel(const HstuParams p, const BwdOperands X, int n_tiles) {
-  constexpr int MT = kDqMT<T>, BM = kDqBM<T>, BN = kDqBN<T>;
+template <typename T, int D, bool MASK>
+__global__ void __launch_bounds__(kQThreads<T>, kQMinCtas<T>) dense_dq_kernel(const HstuParams p, const BwdOperands X,
+                                                                             int n_tiles) {
+  constexpr int NTH = kQThreads<T>, BM = kQRows<T>, S = kKvStages<T>, BN = kKeyTile<T, D>, NT = BN / 8;
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sO = sQ + BM * D;
-  T* sK = sO + BM * D;      // 2 stages
-  T* sV = sK + 2 * BN * D;  // 2 stages
-  float* scratch = reinterpret_cast<float*>(sV + 2 * BN * D);
+  T* sO = sQ + BM * D;      // dout
+  T* sK = sO + BM * D;      // S stages
+  T* sV = sK + S * BN * D;  // S stages
+  float* scratch = reinterpret_cast<float*>(sV + S * BN * D);
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int64_t start = p.offsets[b];
   const int len = static_cast<int>(p.offsets[b + 1] - start);
   const int q0 = (n_tiles - 1 - static_cast<int>(blockIdx.y)) * BM;
   if (q0 >= len) return;
-  float* wscratch = scratch + w * scratch_floats<T, BN / 8>();
-  const int r0 = w * 16 * MT;  // the warp's first row in the tile
+  float* wscratch = scratch + w * scratch_floats<T, NT>();
+  const int r0 = w * 16;  // the warp's first row in the tile
   const T* gQ = static_cast<const T*>(X.q.ptr) + start * X.q.st + h * X.q.hs;
   const T* gK = static_cast<const T*>(X.k.ptr) + start * X.k.st + h * X.k.hs;
   const T* gV = static_cast<const T*>(X.v.ptr) + start * X.v.st + h * X.v.hs;
   const T* gO = static_cast<const T*>(X.dout.ptr) + start * X.dout.st + h * X.dout.hs;
-  load_tile<T, D, BM>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
-  load_tile<T, D, BM>(sO, gO + q0 * X.dout.st, X.dout.st, len - q0, X.dout.cols, X.dout.ptr, tid);
+  // Both ride in group 0 of the K / V ring.
+  load_tile<T, D, BM, NTH>(sQ, gQ + q0 * X.q.st, X.q.st, len - q0, X.q.cols, X.q.ptr, tid);
+  load_tile<T, D, BM, NTH>(sO, gO + q0 * X.dout.st, X.dout.st, len - q0, X.dout.cols, X.dout.ptr, tid);
   const int n_kt = (min(len, q0 + BM) - 1) / BN + 1;
-  auto load_kv = [&](int it) {
-    const int k0 = it * BN, st = it & 1;
-    load_tile<T, D, BN>(sK + st * BN * D, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
-    load_tile<T, D, BN>(sV + st * BN * D, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
-  };
-  load_kv(0);
-  mma::cp_async_commit();
 
-  const float alpha = static_cast<float>(p.alpha), inv_n = 1.f / static_cast<float>(p.n);
-  const bool has_mask = p.mask.ptr != nullptr;
-  float dq[MT][D / 8][4];
+  const float ha = silu_ha<T>(static_cast<float>(p.alpha));
+  const float cd = ha / static_cast<float>(p.n);
+  const int row_last = q0 + r0 + 15;  // the warp's last row
+  int64_t mrow[2] = {0, 0};
+  if constexpr (MASK) mask_rows(mrow, p, b, q0 + r0, lane);
+  float dq[D / 8][4];
+  zero(dq);
+  walk_kv_tiles<T, D, BN, S, NTH>(sK, sV, X.k, gK, X.v, gV, len, n_kt, tid, [&](int it, const T* tK, const T* tV) {
+    const int k0 = it * BN;
+    if (k0 > row_last) return;  // every key of the tile is after the warp's rows
+    // g = alpha silu'(alpha S) / n * mask first (S dies into it before dP is live), then
+    // dS = dP g and dQ += dS K, dS taken from the accumulators as the A operand.
+    float g[NT][4];
+    zero(g);
+    gemm_abt<T, D, NT>(g, sQ, r0, tK, 0, lane);
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) zero(dq[mt]);
-  for (int it = 0; it < n_kt; ++it) {
-    if (it + 1 < n_kt) {
-      load_kv(it + 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) g[j][e] = dsilu_w<T>(g[j][e], ha, cd);
     }
-    __syncthreads();
-    const int st = it & 1, k0 = it * BN;
-    if (k0 <= q0 + r0 + 16 * MT - 1) {  // else every key of the tile is after the warp's rows
-      float s[MT][BN / 8][4], dp[MT][BN / 8][4];
+    if (MASK || k0 + BN - 1 > q0 + r0) causal_mask<MASK>(g, p, mrow, q0 + r0, k0, len, lane);
+    float ds[NT][4];
+    zero(ds);
+    gemm_abt<T, D, NT>(ds, sO, r0, tV, 0, lane);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        zero(s[mt]);
-        zero(dp[mt]);
-      }
-      gemm_abt_mt<T, D, BN / 8, MT>(s, sQ, r0, sK + st * BN * D, 0, lane);
-      gemm_abt_mt<T, D, BN / 8, MT>(dp, sO, r0, sV + st * BN * D, 0, lane);
-      const bool diag = k0 + BN - 1 > q0 + r0;
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float x = alpha * s[mt][j][e];
-            const float sg = mma::sigmoid_io<T>(x);
-            float m = inv_n;
-            if (diag || has_mask) {
-              const int t = q0 + r0 + 16 * mt + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
-              if (kj > t || t >= len) m = 0.f;
-              else if (has_mask) m *= mask_at(p, b, t, kj);
-            }
-            dp[mt][j][e] = alpha * dp[mt][j][e] * m * sg * (1.f + x * (1.f - sg));
-          }
-        }
-      }
-      gemm_pb_mt<T, D, BN / 8, MT>(dq, dp, sK + st * BN * D, 0, wscratch, lane);
+      for (int e = 0; e < 4; ++e) ds[j][e] *= g[j][e];
     }
-    __syncthreads();
-  }
+    gemm_pb<T, D, NT>(dq, ds, tK, 0, wscratch, lane);
+  });
   T* odq = static_cast<T*>(p.dq.ptr) + (start + q0) * p.dq.st + h * p.dim_qk * p.dq.sc;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-    store_frag<T, D>(dq[mt], odq, p.dq, r0 + 16 * mt, len - q0, static_cast<int>(p.dim_qk), 1.f, lane);
+  store_frag<T, D>(dq, odq, p.dq, r0, len - q0, static_cast<int>(p.dim_qk), 1.f, lane);
+}
+
+template <typename T, int D, bool MASK>
+void launch_dq(const HstuParams& p, const BwdOperands& X, unsigned bh, cudaStream_t stream) {
+  constexpr size_t smem = dq_smem<T, D>();
+  set_smem(dense_dq_kernel<T, D, MASK>, smem);
+  const int n_qt = static_cast<int>((p.max_len + kQRows<T> - 1) / kQRows<T>);
+  dense_dq_kernel<T, D, MASK><<<dim3(bh, n_qt), kQThreads<T>, smem, stream>>>(p, X, n_qt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -236,14 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(const at::Tensor& q
   dispatch_hstu(q.scalar_type(), D, [&](auto tv, auto dv) {
     using T = decltype(tv);
     constexpr int kD = decltype(dv)::value;
-    constexpr size_t s1 = dkdv_smem<T, kD>(), s2 = dq_smem<T, kD>();
+    constexpr size_t s1 = dkdv_smem<T, kD>();
     set_smem(dense_dkdv_kernel<T, kD>, s1);
     dense_dkdv_kernel<T, kD><<<grid, kThreads, s1, stream>>>(p, X, n_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    set_smem(dense_dq_kernel<T, kD>, s2);
-    const int n_qt = static_cast<int>((p.max_len + kDqBM<T> - 1) / kDqBM<T>);
-    dense_dq_kernel<T, kD><<<dim3(grid.x, n_qt), kThreads, s2, stream>>>(p, X, n_qt);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (p.mask.ptr) launch_dq<T, kD, true>(p, X, grid.x, stream);
+    else launch_dq<T, kD, false>(p, X, grid.x, stream);
   });
   return {r.dq, r.dk, r.dv};
 }

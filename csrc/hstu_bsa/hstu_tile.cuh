@@ -382,6 +382,120 @@ __device__ __forceinline__ void zero(float (&a)[N][4]) {
   for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
 }
 
+// ---------------------------------------------------------------- dense query-tile kernels
+
+// The shape shared by the dense forward and dq passes: a CTA owns kQRows queries, one 16-row
+// tile per warp (8 warps on the tensor cores, so each K / V tile is staged once per 128
+// queries; 4 on the fp32 FFMA path, whose tiles are twice the bytes), and walks the key tiles
+// 0 .. its diagonal through a kKvStages-deep cp.async ring (walk_kv_tiles).
+template <typename T>
+constexpr int kQWarps = kTensorCores<T> ? 8 : 4;
+template <typename T>
+constexpr int kQThreads = kQWarps<T> * 32;
+template <typename T>
+constexpr int kQRows = kQWarps<T> * 16;
+// Keys per tile: 32 at d 128 on the tensor cores (the score fragments are 16 registers, so a
+// warp's 64 accumulator registers of O or dQ fit within 128), else 64.
+template <typename T, int D>
+constexpr int kKeyTile = kTensorCores<T> && D >= 128 ? 32 : 64;
+// K / V ring depth: 3 on the tensor cores, 2 on the fp32 path (its tiles are twice the bytes).
+template <typename T>
+constexpr int kKvStages = kTensorCores<T> ? 3 : 2;
+// CTAs per SM the register budget is set for (tensor cores: 2 x 256 threads -> <= 128 registers).
+template <typename T>
+constexpr int kQMinCtas = kTensorCores<T> ? 2 : 1;
+
+// Walks key tiles it = 0 .. n_kt - 1 (BN rows each; rows >= len zero-filled) of the heads at
+// gK, gV (row 0 of the sequence), calling body(it, K tile, V tile) with both tiles in shared
+// memory. S-stage ring at sK, sV (S x BN x D each), one barrier per tile: wait for tile it,
+// barrier (everyone's copies of it have landed and everyone is done with tile it - 1), then
+// refill it - 1's stage with tile it + S - 1. Each tile is one commit group, empty past the
+// last tile, so group i is always tile i and the wait count is a constant; copies the caller
+// issued before (its resident Q, dO) ride in group 0. Every thread of the CTA calls this (the
+// barriers); a warp with nothing to do on a tile just returns from body.
+template <typename T, int D, int BN, int S, int NTH, typename Body>
+__device__ __forceinline__ void walk_kv_tiles(T* sK, T* sV, const Operand& K, const T* gK, const Operand& V,
+                                              const T* gV, int len, int n_kt, int tid, Body&& body) {
+  static_assert(S >= 2, "at least double buffering");
+  auto load_kv = [&](int it, int st) {
+    if (it < n_kt) {
+      const int k0 = it * BN;
+      load_tile<T, D, BN, NTH>(sK + st * BN * D, gK + k0 * K.st, K.st, len - k0, K.cols, K.ptr, tid);
+      load_tile<T, D, BN, NTH>(sV + st * BN * D, gV + k0 * V.st, V.st, len - k0, V.cols, V.ptr, tid);
+    }
+    mma::cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) load_kv(i, i);
+#pragma unroll 1
+  for (int it = 0; it < n_kt; ++it) {
+    mma::cp_async_wait<S - 2>();  // this thread's copies of tile it (and group 0's extras) have landed
+    __syncthreads();
+    // Stages from the counter (no second loop-carried register: the d 128 kernels have none to spare).
+    const int st = static_cast<int>(static_cast<unsigned>(it) % S);
+    load_kv(it + S - 1, st == 0 ? S - 1 : st - 1);
+    body(it, static_cast<const T*>(sK + st * BN * D), static_cast<const T*>(sV + st * BN * D));
+  }
+}
+
+// Scale of the silu argument: x = s * silu_ha<T>(alpha). fp16 / bf16 use x = alpha s / 2 (the
+// tanh form below), fp32 x = alpha s.
+template <typename T>
+__device__ __forceinline__ float silu_ha(float alpha) {
+  return kTensorCores<T> ? 0.5f * alpha : alpha;
+}
+
+// w = silu(alpha s) / n without the mask; ha = silu_ha<T>(alpha), c = 1 / n. fp16 / bf16: with
+// y = alpha s and x = y / 2, silu(y) = y (1 + tanh(y / 2)) / 2 = x (1 + tanh x): one MUFU op and
+// 3 FP ops. fp32: x = y, silu(y) = x sigmoid(x).
+template <typename T>
+__device__ __forceinline__ float silu_w(float s, float ha, float c) {
+  const float x = s * ha;
+  if constexpr (kTensorCores<T>) return fmaf(x, mma::tanh_approx(x), x) * c;
+  else return x * mma::sigmoid_io<T>(x) * c;
+}
+
+// dw / dP factor without the mask: alpha silu'(alpha s) / n, so that dS = dP * dsilu_w (times
+// the mask). silu'(y) = sg (1 + y (1 - sg)), sg = sigmoid(y); cd = ha / n. fp16 / bf16: x = y / 2,
+// t = tanh x, sg = (1 + t) / 2, y (1 - sg) = x (1 - t), so the factor is (alpha / 2n) (1 + t)
+// (1 + x (1 - t)): one MUFU op and 5 FP ops. fp32: cd = alpha / n, sg by exp and a division.
+template <typename T>
+__device__ __forceinline__ float dsilu_w(float s, float ha, float cd) {
+  const float x = s * ha;
+  if constexpr (kTensorCores<T>) {
+    const float t = mma::tanh_approx(x);
+    return fmaf(t, cd, cd) * fmaf(x, 1.f - t, 1.f);
+  } else {
+    const float sg = mma::sigmoid_io<T>(x);
+    return cd * sg * fmaf(x, 1.f - sg, 1.f);
+  }
+}
+
+// attn_mask offsets of this thread's two fragment rows (frag_row 0 and 8) of the warp whose
+// first query is t0 (columns added per element); sequence b.
+__device__ __forceinline__ void mask_rows(int64_t (&mrow)[2], const HstuParams& p, int64_t b, int t0, int lane) {
+  const int64_t mb = p.mask_batch == 1 ? 0 : b;
+  mrow[0] = mb * p.mask.s0 + int64_t(t0 + frag_row(lane, 0)) * p.mask.s1;
+  mrow[1] = mrow[0] + 8 * p.mask.s1;
+}
+
+// The causal / length / attn_mask factor of a warp's score fragments: x[j][e] (query t = t0 +
+// frag_row, key kj = k0 + frag_col) becomes 0 where kj > t or t >= len (no mask load there:
+// rows past the sequence may be past the mask), else x * attn_mask(t, kj) when MASK.
+template <bool MASK, int NT>
+__device__ __forceinline__ void causal_mask(float (&x)[NT][4], const HstuParams& p, const int64_t (&mrow)[2], int t0,
+                                            int k0, int len, int lane) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
+      if (kj > t || t >= len) x[j][e] = 0.f;
+      else if constexpr (MASK) x[j][e] *= load_as<float>(p.mask.ptr, p.mask_dtype, mrow[e >> 1] + kj * p.mask.s2);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- block means (kbar, vbar)
 
 // Complete blocks per sequence, as prefix sums: cblk[b] = sum_{b' < b} len_b' / block_size
