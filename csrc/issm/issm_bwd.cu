@@ -5,12 +5,12 @@
 //      own outputs (dS += C gy^T; dS *= decay; zeroed at segment starts / resets; dfinal_states
 //      added at segment ends), walking the chunk in reverse from 0.
 //   3. pass_kernel<reverse>: the adjoint at the end of each chunk from all later chunks.
-//   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), the forward states of the chunk
-//      are recomputed (block boundaries every kTS steps, then a block's step history, in shared
-//      memory) and the chunk walked in reverse: dx partials (over this n-tile, a lane
-//      reduce-scatter per block), and per (t, n) sums over the CTA's p of dk = dS^T x,
-//      dlog = (dS . s_{t-1}) decay and dC = s_t^T gy (warp partials summed over warps in order);
-//      dinitial_states at segment starts.
+//   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), thread = 4 p x 2 n, the forward
+//      states of the chunk are recomputed (block boundaries every kTS steps in shared memory, then
+//      a block's step history in registers) and the chunk walked in reverse: dx partials (over this
+//      n-tile, a lane reduce-scatter per block), and per (t, n) sums over the CTA's p of
+//      dk = dS^T x, dlog = (dS . s_{t-1}) decay and dC = s_t^T gy (warp partials summed over warps
+//      in order); dinitial_states at segment starts.
 //   5. finish_n_kernel: per (row, 16 steps, group, 128 states): ddt (through the clamp mask and
 //      softplus), dB = delta dk and dC summed over the group's heads in order, partials of dA
 //      and ddt_bias. finish_p_kernel: dx = D gy + the n-tile partials in order, partials of dD.
@@ -103,88 +103,291 @@ __global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void adj_local_kernel(IssmParams
       if (u.pin[j] && u.nin[jn]) bb.adj[state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, u.nl + jn)] = dS[j][jn];
 }
 
-// Step 4. CTA = (row, h, chunk, p-tile, 32-state n-tile): warp w owns p = pw .. pw + 3, lane l the
-// state n = nlo + l. The chunk's nb blocks of kTS steps go through the forward kernels' staging
-// pipeline in the order 0 .. nb-2 (pass 1: the state entering each block, kept in shared memory, each
-// thread its own column), then nb-1 .. 0 (pass 2: the states entering the block's steps recomputed
-// into registers, then the block walked in reverse). Per (step, n), the sums over the warp's p (dk,
-// dlog, dC) go to shared memory and are summed over the warps in order once per block; per (step, p),
-// the dx terms stay in registers for the block and are summed over the lanes once per block (a
-// 32-value reduce-scatter: 31 shuffles per 8 steps). The loops over a block's steps are unrolled
-// (the history is a register array) with a lean body: the rare events only load or store.
-// Dynamic shared memory: 3 * warps * kTS * 32 floats of warp partials, then (kSub + kTS) * kPPT *
-// blockDim floats of states (111 KB at P = 36: two CTAs per SM).
+// Step 4. 2-D lane layout. CTA = (row, h, chunk, p-tile, 32-state n-tile) with W warps; warp w owns
+// the 8 p from pw0 = plo + 8 w; lane l = 16 hf + q (hf: p half, q: n pair) owns the 4 p from
+// pw0 + 4 hf and the 2 states nlo + 2 q, nlo + 2 q + 1: a thread holds 4 p x 2 n, a warp 8 p x 32 n, a
+// CTA 8 W p x 32 n (W = 5 at P = 36). The thread's two n are held in the order (own, other) with own
+// = nlo + 2 q + hf: the staged dec, k, C have a second copy with each pair swapped, so that one 8-byte
+// load gives both halves their order; the sums over the warp's 8 p for n then take the own half's
+// partial and the other half's via one shuffle (lane ^ 16), no select. Per step, the shared loads of x,
+// gy (one float4 each), dec, k, C (8 bytes each) and the step's events serve the thread's 8 states.
+// The chunk's nb blocks of kTS steps go through the staging pipeline in the order 0 .. nb-2 (pass 1:
+// the state entering each block kept in shared memory, each thread its own columns), then nb-1 .. 0
+// (pass 2: the states entering the block's steps recomputed into registers, pv, then the block
+// walked in reverse). Per (step, n), the sums over the warp's p of dk, dlog, dC go to shared memory and
+// are summed over the warps in order once per block (4 n per thread, float4); per (step, p), the dx
+// terms (summed over the thread's 2 n) stay in registers for the block and are summed over the 16
+// lanes of the half once per block (a 32-value reduce-scatter over lane bits 3..0: 30 shuffles per
+// 8 steps, 2 values per lane). The loops over a block's steps are unrolled (pv and the dx terms are
+// register arrays) with a lean body: the rare events only load or store. Staging: a thread's global
+// loads are addressed from CTA-uniform block pointers (stepped by +-kTS steps) plus per-thread 32-bit
+// offsets computed once; in pass 2 the next block's loads are issued after the reverse walk, so that
+// their registers are free during it.
+// Shared memory: static BwdStage + constants (11 KB); dynamic bwd_smem(W): 3 W kTS 32 floats of warp
+// partials, then kSub * 8 floats per thread of block-entering states (66 KB in all at P = 36: three
+// CTAs (15 warps) per SM at <= 128 registers; P = 64: 101 KB, two CTAs of 8 warps).
+constexpr int kBPW = 2 * kPPT;  // p per warp
+constexpr int kBMaxWarps = kMaxPC / kBPW;
+constexpr int kBQ = 2;  // (step, n) elements of a block prefetched per thread (all of them from 4 warps up)
+
+struct alignas(16) BwdStage {
+  float dec[kTS][64];  // [ts][j]: n-tile state j; [ts][32 + (j ^ 1)]: the same, pairs swapped
+  float k[kTS][64];
+  float C[kTS][64];
+  float x[kTS][kMaxPC];  // [ts][p - plo]
+  float gy[kTS][kMaxPC];
+};
+
+inline size_t bwd_smem(int warps) { return sizeof(float) * (3 * kTS * 32 + kSub * 8 * 32) * warps; }
+
 template <typename T>
-__global__ SSM_EXT_MAXNREG(96) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
-  __shared__ Stage<32> st;
+struct BwdRaw {
+  T dt[kBQ], B[kBQ], C[kBQ];
+  T x[2];
+  float gy[2];
+};
+
+// The staging elements of a thread: (step, n) elements i = tid + q blockDim for q < kBQ (step ts + q W,
+// state j = tid % 32, with ts = tid / 32: blockDim = 32 W) and two (step, p) elements tid + q blockDim
+// (step xts + 4 q, p = plo + tid % PC, with xts = tid / PC: blockDim = 4 PC). Their global offsets
+// relative to the chunk's first step and the tile's first n (p) are 32-bit (bwd_cuda makes sure that a
+// chunk's span fits): block jb, element q is at jb kTS s1 + o + q dq. ts = kBwdChunk (xts = kBwdChunk)
+// marks a state (p) outside the tile, so that `ts + q W < steps of the block` is the whole test.
+struct BwdStageIdx {
+  int ts, xts, xs;                // xs: the (step, p) element's index in BwdStage x / gy
+  unsigned odt, oB, oC, ox, ogy;  // element 0
+};
+
+// CTA-uniform: the tile's inputs at its chunk's first step, the offsets between a thread's elements (q)
+// and the offsets of one block (kTS steps).
+template <typename T>
+struct BwdBase {
+  const T *dt, *B, *C, *x;
+  const float* gy;
+  unsigned qdt, qB, qC, qx, qgy;  // W steps of dt, B, C; 4 of x, gy
+  unsigned sdt, sB, sC, sx, sgy;  // kTS steps
+};
+
+// Makes v opaque to the compiler, so that it keeps (or spills) the value instead of recomputing it from
+// its inputs at every use (the staging offsets would cost several instructions each per block).
+template <typename V>
+__device__ __forceinline__ void opaque(V& v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(V) == 8) asm volatile("" : "+l"(v));
+  else asm volatile("" : "+r"(v));
+#endif
+}
+
+__device__ __forceinline__ BwdStageIdx bwd_stage_idx(const IssmParams& p, const Tile<1>& u, int PC, int plo) {
+  BwdStageIdx si;
+  const int tid = threadIdx.x, ts = tid >> 5, j = tid & 31, xts = tid / PC, pc = tid % PC;
+  si.ts = u.nlo + j < p.dstate ? ts : kBwdChunk;
+  si.xts = plo + pc < p.headdim ? xts : kBwdChunk;
+  si.xs = xts * kMaxPC + pc;
+  si.odt = static_cast<unsigned>(ts * p.dt.s1 + j * p.dt.s3);
+  si.oB = static_cast<unsigned>(ts * p.B.s1 + j * p.B.s3);
+  si.oC = static_cast<unsigned>(ts * p.C.s1 + j * p.C.s3);
+  si.ox = static_cast<unsigned>(xts * p.x.s1 + pc * p.x.s3);
+  si.ogy = static_cast<unsigned>(xts * p.nheads * p.headdim + pc);
+  opaque(si.ts), opaque(si.xts), opaque(si.xs);
+  opaque(si.odt), opaque(si.oB), opaque(si.oC), opaque(si.ox), opaque(si.ogy);
+  return si;
+}
+
+template <typename T>
+__device__ __forceinline__ BwdBase<T> bwd_base(const IssmParams& p, const float* gy, const Tile<1>& u, int plo, int W) {
+  const int64_t row = u.a.row, h = u.a.h, HP = p.nheads * p.headdim;
+  BwdBase<T> bs;
+  bs.dt = static_cast<const T*>(p.dt.ptr) + p.dt.at(row, u.c0, h, u.nlo);
+  bs.B = static_cast<const T*>(p.B.ptr) + p.B.at(row, u.c0, u.g, u.nlo);
+  bs.C = static_cast<const T*>(p.C.ptr) + p.C.at(row, u.c0, u.g, u.nlo);
+  bs.x = static_cast<const T*>(p.x.ptr) + p.x.at(row, u.c0, h, plo);
+  bs.gy = gy + gy_index(p, row, u.c0, h, plo);
+  bs.qdt = static_cast<unsigned>(W * p.dt.s1), bs.qB = static_cast<unsigned>(W * p.B.s1);
+  bs.qC = static_cast<unsigned>(W * p.C.s1), bs.qx = static_cast<unsigned>(4 * p.x.s1);
+  bs.qgy = static_cast<unsigned>(4 * HP);
+  bs.sdt = static_cast<unsigned>(kTS * p.dt.s1), bs.sB = static_cast<unsigned>(kTS * p.B.s1);
+  bs.sC = static_cast<unsigned>(kTS * p.C.s1), bs.sx = static_cast<unsigned>(kTS * p.x.s1);
+  bs.sgy = static_cast<unsigned>(kTS * HP);
+  opaque(bs.dt), opaque(bs.B), opaque(bs.C), opaque(bs.x), opaque(bs.gy);
+  opaque(bs.qdt), opaque(bs.qB), opaque(bs.qC), opaque(bs.qx), opaque(bs.qgy);
+  opaque(bs.sdt), opaque(bs.sB), opaque(bs.sC), opaque(bs.sx), opaque(bs.sgy);
+  return bs;
+}
+
+// Issues the loads of block jb (rem: its steps inside the chunk, at most kTS); nothing waits on them here.
+template <typename T>
+__device__ __forceinline__ void bwd_prefetch(BwdRaw<T>& r, const BwdBase<T>& bs, const BwdStageIdx& si, int jb,
+                                             int rem, int W) {
+  const unsigned b = static_cast<unsigned>(jb);
+#pragma unroll
+  for (int q = 0; q < kBQ; ++q) {
+    const bool in = si.ts + q * W < rem;
+    r.dt[q] = in ? bs.dt[b * bs.sdt + si.odt + q * bs.qdt] : T(0.f);
+    r.B[q] = in ? bs.B[b * bs.sB + si.oB + q * bs.qB] : T(0.f);
+    r.C[q] = in ? bs.C[b * bs.sC + si.oC + q * bs.qC] : T(0.f);
+  }
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const bool in = si.xts + 4 * q < rem;
+    r.x[q] = in ? bs.x[b * bs.sx + si.ox + q * bs.qx] : T(0.f);
+    r.gy[q] = in ? bs.gy[b * bs.sgy + si.ogy + q * bs.qgy] : 0.f;
+  }
+}
+
+__device__ __forceinline__ void bwd_stage_put(BwdStage& st, int ts, int j, float dec, float k, float c) {
+  st.dec[ts][j] = dec, st.dec[ts][32 + (j ^ 1)] = dec;
+  st.k[ts][j] = k, st.k[ts][32 + (j ^ 1)] = k;
+  st.C[ts][j] = c, st.C[ts][32 + (j ^ 1)] = c;
+}
+
+// Steps at or past c1 get dec = 1, k = 0, C = 0, x = 0, gy = 0: they change nothing.
+template <typename T>
+__device__ __forceinline__ void bwd_commit(const IssmParams& p, const BwdRaw<T>& r, BwdStage& st, const float* sA,
+                                           const float* sbias, const Tile<1>& u, const BwdStageIdx& si, int t0, int W) {
+  const int j = threadIdx.x & 31, ts = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < kBQ; ++q) {
+    if (ts + q * W >= kTS) break;
+    float dec, k, c;
+    stage_values<T>(p, sA, sbias, j, si.ts + q * W < u.c1 - t0, r.dt[q], r.B[q], r.C[q], dec, k, c);
+    bwd_stage_put(st, ts + q * W, j, dec, k, c);
+  }
+  for (int i = threadIdx.x + kBQ * blockDim.x; i < kTS * 32; i += blockDim.x) {  // CTAs of < 4 warps
+    const int ts = i >> 5, j = i & 31;
+    const int64_t t = t0 + ts, n = u.nlo + j;
+    const bool in = t < u.c1 && n < p.dstate;
+    float dec, k, c;
+    stage_values<T>(p, sA, sbias, j, in,
+                    in ? static_cast<const T*>(p.dt.ptr)[p.dt.at(u.a.row, t, u.a.h, n)] : T(0.f),
+                    in ? static_cast<const T*>(p.B.ptr)[p.B.at(u.a.row, t, u.g, n)] : T(0.f),
+                    in ? static_cast<const T*>(p.C.ptr)[p.C.at(u.a.row, t, u.g, n)] : T(0.f), dec, k, c);
+    bwd_stage_put(st, ts, j, dec, k, c);
+  }
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    (&st.x[0][0])[si.xs + q * 4 * kMaxPC] = float(r.x[q]);
+    (&st.gy[0][0])[si.xs + q * 4 * kMaxPC] = r.gy[q];
+  }
+}
+
+template <typename T>
+__global__ SSM_EXT_MAXNREG(128) void bwd_chunk_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+  __shared__ BwdStage st;
   __shared__ float sA[32], sbias[32];
   __shared__ int ev_start[kBwdChunk], ev_end[kBwdChunk];
   SSM_EXT_DYNAMIC_SMEM(float, smem);
-  const Tile<1> u = make_tile<1>(p, tl);
-  const int W = tl.warps;
-  const int64_t P = p.headdim, N = p.dstate, H = p.nheads, n = u.nl;
-  const bool nin = u.nin[0];
-  const int nb = static_cast<int>((u.c1 - u.c0 + kTS - 1) / kTS), nstages = 2 * nb - 1;
-  auto block_of = [&](int i) { return i < nb ? i : 2 * nb - 2 - i; };  // stage i -> its block
-  Raw<T, 1> r;
-  prefetch_block<T, 1, 1, kGy>(p, r, bb.gy, u, u.c0);
-  load_cta_constants<1>(p, tl, u, sA, sbias, ev_start, ev_end);
-
-  float* red = smem;  // [3][W][kTS][32]: dk, dlog, dC per (warp, step, lane)
-  const int rq = W * kTS * 32;
-  // Each thread's column of kPPT states: bnd[jb] entering block jb, pv[ts] entering step ts of the
-  // block of pass 2 (after the step's event).
-  float4* bnd = reinterpret_cast<float4*>(smem + 3 * rq) + threadIdx.x;
-  float4* pv = bnd + kSub * blockDim.x;
-  static_assert(kPPT == 4, "a thread's p are one float4");
-  // initial_states, dfinal_states, dinitial_states: contiguous fp32 (nseq, H, P, N) here (bwd_cuda);
-  // element (seg, h, pw + j, n) is at seg * HPN + toff + j * N.
-  const int HPN = static_cast<int>(H * P * N), toff = static_cast<int>((u.a.h * P + u.pw) * N + n);
-  auto seg_state = [&](const void* base, int seg) { return static_cast<float*>(const_cast<void*>(base)) + int64_t(seg) * HPN + toff; };
-  float dS[kPPT], s[kPPT];
+  const Tile<1> u = make_tile<1>(p, tl);  // CTA coordinates, n-tile, steps (not its p layout)
+  const int W = tl.warps, PC = W * kBPW, plo = u.a.tp * PC;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hf = lane >> 4, q2 = 2 * (lane & 15);
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int pw = plo + warp * kBPW + hf * kPPT;  // the thread's p: pw + j
+  const int n0 = u.nlo + q2 + hf, dn1 = 1 - 2 * hf;  // the thread's n: own n0, other n0 + dn1
+  bool in[kPPT][2];
 #pragma unroll
   for (int j = 0; j < kPPT; ++j) {
-    const bool in = u.pin[j] && nin;
-    const int64_t si = state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, n);
-    s[j] = in ? bb.states[si] : 0.f;
-    dS[j] = in ? bb.adj[si] : 0.f;
+    in[j][0] = pw + j < P && n0 < N;
+    in[j][1] = pw + j < P && n0 + dn1 < N;
   }
-  bnd[0] = make_float4(s[0], s[1], s[2], s[3]);
+  const int nb = (u.c1 - u.c0 + kTS - 1) / kTS, nstages = 2 * nb - 1;
+  auto block_of = [&](int i) { return i < nb ? i : 2 * nb - 2 - i; };  // stage i -> its block
+  const BwdStageIdx si = bwd_stage_idx(p, u, PC, plo);
+  const BwdBase<T> bs = bwd_base<T>(p, bb.gy, u, plo, W);
+  BwdRaw<T> r;
+  bwd_prefetch<T>(r, bs, si, 0, u.c1 - u.c0 < kTS ? u.c1 - u.c0 : kTS, W);
+  load_cta_constants<1>(p, tl, u, sA, sbias, ev_start, ev_end);
+
+  float* red = smem;  // [3][W][kTS][32]: dk, dlog, dC per (warp, step, n)
+  const int rq = W * kTS * 32;
+  // Each thread's columns: block jb's entering states of its n slot jn at bnd[(2 jb + jn) blockDim]
+  float4* bnd = reinterpret_cast<float4*>(smem + 3 * rq) + threadIdx.x;
+  auto put = [&](float4* slot, const float (&v)[kPPT][2]) {
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn) slot[jn * blockDim.x] = make_float4(v[0][jn], v[1][jn], v[2][jn], v[3][jn]);
+  };
+  auto get = [&](const float4* slot, float (&v)[kPPT][2]) {
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn) {
+      const float4 q = slot[jn * blockDim.x];
+      v[0][jn] = q.x, v[1][jn] = q.y, v[2][jn] = q.z, v[3][jn] = q.w;
+    }
+  };
+  static_assert(kPPT == 4, "a thread's p of one n are one float4");
+  // initial_states, dfinal_states, dinitial_states: contiguous fp32 (nseq, H, P, N) here (bwd_cuda);
+  // element (seg, h, pw + j, own / other n) is at seg * HPN + toff + j * N (+ dn1).
+  const int HPN = static_cast<int>(p.nheads * P * N), toff = (u.a.h * P + pw) * N + n0;
+  auto seg_state = [&](const void* base, int seg) { return static_cast<float*>(const_cast<void*>(base)) + int64_t(seg) * HPN + toff; };
+  float dS[kPPT][2], s[kPPT][2];
+#pragma unroll
+  for (int j = 0; j < kPPT; ++j)
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn) {
+      const int64_t sx = state_index(p, tl, u.a.row, u.a.c, u.a.h, pw + j, n0 + jn * dn1);
+      s[j][jn] = in[j][jn] ? bb.states[sx] : 0.f;
+      dS[j][jn] = in[j][jn] ? bb.adj[sx] : 0.f;
+    }
+  put(bnd, s);
+  const int so = hf * 32 + q2;              // the thread's (own, other) pair in BwdStage dec / k / C
+  const int xo = warp * kBPW + hf * kPPT;   // its 4 p in BwdStage x / gy
+  const int ro = (warp * kTS) * 32 + q2 + hf;  // its own n's partials in red, step 0
+  // nred (3, ntp, nrows, L, H, N): (q, t, nlo + l) of this tile at nred0 + q per_q + t HN + l
+  const int64_t HN = p.nheads * N, per_q = int64_t(tl.ntp) * tl.nrows * p.seqlen * HN;
+  float* const nred0 = bb.nred + (int64_t(u.a.tp) * tl.nrows + u.a.row) * p.seqlen * HN + int64_t(u.a.h) * N + u.nlo;
 
 #pragma unroll 1
   for (int i = 0; i < nstages; ++i) {
     const int jb = block_of(i);
-    const int64_t t0 = u.c0 + jb * kTS;
+    const int t0 = u.c0 + jb * kTS;
     __syncthreads();  // the previous block's reads of st and red are done (first: constants written)
-    commit_block<T, 1, 1, kGy>(p, r, st, sA, sbias, u, t0);
+    bwd_commit<T>(p, r, st, sA, sbias, u, si, t0, W);
     __syncthreads();
-    if (i + 1 < nstages) prefetch_block<T, 1, 1, kGy>(p, r, bb.gy, u, u.c0 + block_of(i + 1) * kTS);
-
     const bool pass2 = i >= nb - 1;  // uniform
-    const float4 b = bnd[jb * blockDim.x];
-    s[0] = b.x, s[1] = b.y, s[2] = b.z, s[3] = b.w;
-#pragma unroll
-    for (int ts = 0; ts < kTS; ++ts) {
+    // The next block's loads: in pass 1 here, in pass 2 after the reverse walk (so that their registers
+    // are not held through it, where the step history is).
+    auto prefetch_next = [&] {
+      if (i + 1 < nstages) {
+        const int jn = block_of(i + 1), rem = u.c1 - u.c0 - jn * kTS;
+        bwd_prefetch<T>(r, bs, si, jn, rem < kTS ? rem : kTS, W);
+      }
+    };
+    if (!pass2) prefetch_next();
+    // the state entering step ts of the block (v: the state before the step's event)
+    auto enter = [&](int ts, float (&v)[kPPT][2]) {
       const int start = ev_start[jb * kTS + ts];
-      const float dec = st.dec[ts][u.lane], k = st.k[ts][u.lane];
-      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][u.warp * kPPT]);
-      const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
       if (start != -2) {
         const bool init = start >= 0 && p.initial_states.ptr;
         const float* src = seg_state(p.initial_states.ptr, init ? start : 0);
 #pragma unroll
-        for (int j = 0; j < kPPT; ++j) s[j] = init && u.pin[j] && nin ? src[j * N] : 0.f;
-      }
-      if (pass2) pv[ts * blockDim.x] = make_float4(s[0], s[1], s[2], s[3]);
+        for (int j = 0; j < kPPT; ++j)
 #pragma unroll
-      for (int j = 0; j < kPPT; ++j) s[j] = fmaf(dec, s[j], k * xv[j]);
+          for (int jn = 0; jn < 2; ++jn) v[j][jn] = init && in[j][jn] ? src[j * N + jn * dn1] : 0.f;
+      }
+    };
+    get(bnd + 2 * jb * blockDim.x, s);
+    // pass 2: the state entering each step (after the step's event); pv[0] is re-read from bnd at the
+    // reverse walk's last step, so that it does not hold 8 registers through the walk
+    float pv[kTS][kPPT][2];
+#pragma unroll
+    for (int ts = 0; ts < kTS; ++ts) {
+      const float2 dq = *reinterpret_cast<const float2*>(&st.dec[ts][so]);
+      const float2 kq = *reinterpret_cast<const float2*>(&st.k[ts][so]);
+      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][xo]);
+      const float dec[2] = {dq.x, dq.y}, k[2] = {kq.x, kq.y}, xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
+      enter(ts, s);
+#pragma unroll
+      for (int j = 0; j < kPPT; ++j)
+#pragma unroll
+        for (int jn = 0; jn < 2; ++jn) {
+          if (ts > 0) pv[ts][j][jn] = s[j][jn];
+          s[j][jn] = fmaf(dec[jn], s[j][jn], k[jn] * xv[j]);
+        }
     }
     if (!pass2) {
-      bnd[(jb + 1) * blockDim.x] = make_float4(s[0], s[1], s[2], s[3]);
+      put(bnd + 2 * (jb + 1) * blockDim.x, s);
       continue;
     }
 
-    float dxp[kTS][kPPT];
+    float dxp[kTS][kPPT];  // dx terms of (step, p), summed over the thread's 2 n
 #pragma unroll
     for (int ts = kTS - 1; ts >= 0; --ts) {
       const int start = ev_start[jb * kTS + ts], end = ev_end[jb * kTS + ts];
@@ -192,67 +395,97 @@ __global__ SSM_EXT_MAXNREG(96) void bwd_chunk_kernel(IssmParams p, Tiling tl, Bw
         const float* src = seg_state(p.dfinal_states.ptr, end);
 #pragma unroll
         for (int j = 0; j < kPPT; ++j)
-          if (u.pin[j] && nin) dS[j] += src[j * N];
+#pragma unroll
+          for (int jn = 0; jn < 2; ++jn)
+            if (in[j][jn]) dS[j][jn] += src[j * N + jn * dn1];
       }
-      const float dec = st.dec[ts][u.lane], k = st.k[ts][u.lane], c = st.C[ts][u.lane];
-      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][u.warp * kPPT]);
-      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][u.warp * kPPT]);
-      const float4 vq = pv[ts * blockDim.x];
+      if (ts == 0) {
+        get(bnd + 2 * jb * blockDim.x, pv[0]);
+        enter(0, pv[0]);
+      }
+      const float2 dq = *reinterpret_cast<const float2*>(&st.dec[ts][so]);
+      const float2 kq = *reinterpret_cast<const float2*>(&st.k[ts][so]);
+      const float2 cq = *reinterpret_cast<const float2*>(&st.C[ts][so]);
+      const float4 xq = *reinterpret_cast<const float4*>(&st.x[ts][xo]);
+      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][xo]);
+      const float dec[2] = {dq.x, dq.y}, k[2] = {kq.x, kq.y}, c[2] = {cq.x, cq.y};
       const float xv[kPPT] = {xq.x, xq.y, xq.z, xq.w};
       const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
-      const float sv[kPPT] = {vq.x, vq.y, vq.z, vq.w};
-      // dC = sum_p s_t gy with s_t = dec pv + k x: dec (pv . gy) + k (x . gy)
-      float dk = 0.f, dl = 0.f, sg = 0.f, xg = 0.f;
+      // per n: dk = sum_p dS x, dl = sum_p dS pv, sg = sum_p pv gy over the thread's 4 p; dC = sum_p s_t gy
+      // with s_t = dec pv + k x: dec (pv . gy) + k (x . gy)
+      float dk[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f}, sg[2] = {0.f, 0.f}, xg = 0.f;
 #pragma unroll
       for (int j = 0; j < kPPT; ++j) {
-        dS[j] = fmaf(c, gv[j], dS[j]);
-        dxp[ts][j] = dS[j] * k;
-        dk = fmaf(dS[j], xv[j], dk);
-        dl = fmaf(dS[j], sv[j], dl);
-        sg = fmaf(sv[j], gv[j], sg);
         xg = fmaf(xv[j], gv[j], xg);
-        dS[j] *= dec;
+#pragma unroll
+        for (int jn = 0; jn < 2; ++jn) {
+          dS[j][jn] = fmaf(c[jn], gv[j], dS[j][jn]);
+          dxp[ts][j] = jn == 0 ? dS[j][0] * k[0] : fmaf(dS[j][jn], k[jn], dxp[ts][j]);
+          dk[jn] = fmaf(dS[j][jn], xv[j], dk[jn]);
+          dl[jn] = fmaf(dS[j][jn], pv[ts][j][jn], dl[jn]);
+          sg[jn] = fmaf(pv[ts][j][jn], gv[j], sg[jn]);
+        }
       }
-      if (start >= 0 && p.dinitial_states.ptr) {
-        float* dst = seg_state(p.dinitial_states.ptr, start);
+      if (start == -2) {
 #pragma unroll
         for (int j = 0; j < kPPT; ++j)
-          if (u.pin[j] && nin) dst[j * N] = dS[j];
-      }
-      if (start != -2) {
 #pragma unroll
-        for (int j = 0; j < kPPT; ++j) dS[j] = 0.f;
+          for (int jn = 0; jn < 2; ++jn) dS[j][jn] *= dec[jn];
+      } else {  // a segment start or reset: dinitial_states := dS dec, then dS := 0
+        if (start >= 0 && p.dinitial_states.ptr) {
+          float* dst = seg_state(p.dinitial_states.ptr, start);
+#pragma unroll
+          for (int j = 0; j < kPPT; ++j)
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn)
+              if (in[j][jn]) dst[j * N + jn * dn1] = dS[j][jn] * dec[jn];
+        }
+#pragma unroll
+        for (int j = 0; j < kPPT; ++j)
+#pragma unroll
+          for (int jn = 0; jn < 2; ++jn) dS[j][jn] = 0.f;
       }
-      const int o = (u.warp * kTS + ts) * 32 + u.lane;
-      red[o] = dk;
-      red[rq + o] = dl * dec;
-      red[2 * rq + o] = fmaf(dec, sg, k * xg);
+      // the warp's 8 p: this half's partial of the own n plus the other half's (its "other" slot)
+      const float dkw = dk[0] + __shfl_xor_sync(0xffffffffu, dk[1], 16);
+      const float dlw = dl[0] + __shfl_xor_sync(0xffffffffu, dl[1], 16);
+      const float sgw = sg[0] + __shfl_xor_sync(0xffffffffu, sg[1], 16);
+      const float xgw = xg + __shfl_xor_sync(0xffffffffu, xg, 16);
+      red[ro + ts * 32] = dkw;
+      red[rq + ro + ts * 32] = dlw * dec[0];
+      red[2 * rq + ro + ts * 32] = fmaf(dec[0], sgw, k[0] * xgw);
     }
-    {  // dx partial of (step t0 + lane / 4, p = pw + lane % 4) over this n-tile
-      const float dx = reduce_scatter<kTS * kPPT>(&dxp[0][0], u.lane);
-      const int64_t t = t0 + (u.lane >> 2), pp = u.pw + (u.lane & 3);
-      if (t < u.c1 && pp < P) bb.dxpart[(((u.a.tn * tl.nrows + u.a.row) * p.seqlen + t) * H + u.a.h) * P + pp] = dx;
+    {  // dx partial over this n-tile of (step t0 + (lane & 15) / 2, p = pw + 2 (lane & 1) + e), e = 0, 1
+      reduce_scatter_level<kTS * kPPT / 2, 8>(&dxp[0][0], lane);
+      const int t = t0 + ((lane & 15) >> 1), pp = pw + 2 * (lane & 1);
+      if (t < u.c1) {
+        float* dst = bb.dxpart + ((int64_t(u.a.tn) * tl.nrows + u.a.row) * p.seqlen + t) * p.nheads * P + u.a.h * P + pp;
+        if (pp < P) dst[0] = dxp[0][0];
+        if (pp + 1 < P) dst[1] = dxp[0][1];
+      }
     }
+    prefetch_next();
     __syncthreads();
-    // dk, dlog, dC of the block: the warps' partials summed in warp order
-    const int64_t per_q = tl.ntp * tl.nrows * p.seqlen * H * N;
-    for (int e = threadIdx.x; e < 3 * kTS * 32; e += blockDim.x) {
-      const int q = e / (kTS * 32), ts = (e / 32) % kTS, l = e % 32;
-      const int64_t t = t0 + ts, nn = u.nlo + l;
-      if (t >= u.c1 || nn >= N) continue;
-      const float* src = red + q * rq + ts * 32 + l;
-      float v[kMaxWarps];
+    // dk, dlog, dC of the block: the warps' partials summed in warp order, 4 n per thread
+    for (int e = threadIdx.x; e < 3 * kTS * 8; e += blockDim.x) {
+      const int q = e >> 6, ts = (e >> 3) & 7, l = 4 * (e & 7);  // e = (q, ts, l / 4)
+      if (ts >= u.c1 - t0) continue;
+      const float4* src = reinterpret_cast<const float4*>(red + q * rq) + (e & 63);
+      float4 sum = src[0];
 #pragma unroll
-      for (int w = 0; w < kMaxWarps; ++w) v[w] = w < W ? src[w * kTS * 32] : 0.f;
-      float sum = 0.f;
+      for (int w = 1; w < kBMaxWarps; ++w)
+        if (w < W) {
+          const float4 v = src[w * kTS * 8];
+          sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+        }
+      float* dst = nred0 + q * per_q + int64_t(t0 + ts) * HN + l;
+      const float sv[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
-      for (int w = 0; w < kMaxWarps; ++w) sum += v[w];
-      bb.nred[q * per_q + (((u.a.tp * tl.nrows + u.a.row) * p.seqlen + t) * H + u.a.h) * N + nn] = sum;
+      for (int c = 0; c < 4; ++c)
+        if (u.nlo + l + c < N) dst[c] = sv[c];
     }
   }
 }
 
-// Step 5a. CTA per (row, block of kTB steps, group, 128 states); thread per state n.
 template <typename T>
 __global__ __launch_bounds__(128) void finish_n_kernel(IssmParams p, Tiling tl, BwdBufs bb, int64_t nnb) {
   int64_t idx = blockIdx.x;
@@ -403,7 +636,8 @@ __global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb) {
 template <typename T>
 void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stream) {
   const Tiling tf = make_tiling(p, kBwdChunk, 8);  // forward-like kernels
-  const Tiling tb = make_tiling(p, kBwdChunk, 1);  // bwd_chunk_kernel: 32 states per CTA
+  Tiling tb = make_tiling(p, kBwdChunk, 1);  // bwd_chunk_kernel: 32 states per CTA, 8 p per warp
+  tb.warps = static_cast<int>((p.headdim + int64_t(kBPW) * tb.ntp - 1) / (int64_t(kBPW) * tb.ntp));
   const auto f32 = like.options().dtype(at::kFloat);
   const int64_t H = p.nheads, P = p.headdim, N = p.dstate, L = p.seqlen, R = tf.nrows;
   auto buf = [&](int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, f32); };
@@ -442,7 +676,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
     const int64_t elems = R * H * P * N;  // 3.
     pass_kernel<true><<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t smem = sizeof(float) * (3 * kTS * 32 + (kSub + kTS) * kPPT * 32) * tb.warps;  // 4.
+    const size_t smem = bwd_smem(tb.warps);  // 4.
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     bwd_chunk_kernel<T><<<static_cast<unsigned>(tb.ctas()), static_cast<unsigned>(tb.warps * 32), smem, stream>>>(
@@ -482,6 +716,23 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
   // fp32 (nseq, H, P, N) tensors, so that its unrolled event sites stay small: others go through copies.
   TORCH_CHECK(p.nheads * p.headdim * p.dstate < (int64_t(1) << 31),
               msg("issm (CUDA): nheads * headdim * dstate must be < 2^31, got ", p.nheads * p.headdim * p.dstate));
+  // bwd_chunk_kernel addresses its staging loads by 32-bit offsets within a chunk (kBwdChunk steps of a
+  // tile of 32 n or up to kMaxPC p): inputs with larger strides go through contiguous copies.
+  auto span_fits = [](const View4& v, int64_t width) {
+    return (kBwdChunk - 1) * v.s1 + (width - 1) * v.s3 < (int64_t(1) << 31);
+  };
+  at::Tensor copies[4];
+  const at::Tensor* srcs[4] = {&dt, &B, &C, &x};
+  View4* views[4] = {&p.dt, &p.B, &p.C, &p.x};
+  for (int i = 0; i < 4; ++i) {
+    const int64_t width = i == 3 ? kMaxPC : 32;
+    if (!span_fits(*views[i], width)) {
+      copies[i] = srcs[i]->contiguous();
+      *views[i] = view4(copies[i]);
+    }
+    TORCH_CHECK(span_fits(*views[i], width), "issm (CUDA): ", kBwdChunk, " steps of x, dt, B or C span >= 2^31 elements");
+  }
+  TORCH_CHECK((kBwdChunk - 1) * p.nheads * p.headdim + kMaxPC < (int64_t(1) << 31), "issm (CUDA): nheads * headdim too large");
   at::Tensor init32, dinit32, dfinal32;
   if (p.initial_states.ptr) {
     init32 = initial_states->to(at::kFloat).contiguous();

@@ -172,9 +172,11 @@ __device__ __forceinline__ void lds(const float* src, float* v) {
 // level a lane keeps the half of its values selected by one of its lane bits and adds its partner's
 // copy of that half; then the lanes of a group all-reduce. The addition tree is fixed by the lane
 // bits, the same for every value and independent of the data.
+// reduce_scatter_level<V / 2, M> alone (M < 16) reduces over the lanes of lane bits M .. 1 only,
+// leaving 2 V / (2 M) values per lane.
 template <int HALF, int M>
 __device__ __forceinline__ void reduce_scatter_level(float* v, int lane) {
-  if constexpr (HALF >= 1) {
+  if constexpr (HALF >= 1 && M >= 1) {
     const bool b = lane & M;
 #pragma unroll
     for (int i = 0; i < HALF; ++i) {
@@ -322,17 +324,26 @@ __device__ __forceinline__ void prefetch_block(const IssmParams& p, Raw<T, Q>& r
   if constexpr (EX == kGy) r.gy = in ? gy_buf[gy_index(p, row, t, h, pp)] : 0.f;
 }
 
-// dec, k, C of element (ts, j) from its raw dt, B, C; A and dt_bias of the n-tile in sA, sbias.
-template <typename T, int NT>
-__device__ __forceinline__ void stage_elem(const IssmParams& p, Stage<NT>& st, const float* sA, const float* sbias,
-                                           int ts, int j, bool in, T dtv, T Bv, T Cv) {
-  float dec = 1.f, k = 0.f, c = 0.f;
+// dec, k, C of state j of the n-tile from its raw dt, B, C (1, 0, 0 when !in); A and dt_bias of the
+// n-tile in sA, sbias.
+template <typename T>
+__device__ __forceinline__ void stage_values(const IssmParams& p, const float* sA, const float* sbias, int j, bool in,
+                                             T dtv, T Bv, T Cv, float& dec, float& k, float& c) {
+  dec = 1.f, k = 0.f, c = 0.f;
   if (in) {
     const float d = delta_of(p, float(dtv) + sbias[j], nullptr);
     dec = __expf(d * sA[j]);
     k = d * float(Bv);
     c = float(Cv);
   }
+}
+
+// dec, k, C of element (ts, j) from its raw dt, B, C into st.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_elem(const IssmParams& p, Stage<NT>& st, const float* sA, const float* sbias,
+                                           int ts, int j, bool in, T dtv, T Bv, T Cv) {
+  float dec, k, c;
+  stage_values<T>(p, sA, sbias, j, in, dtv, Bv, Cv, dec, k, c);
   st.dec[ts][j] = dec;
   st.k[ts][j] = k;
   st.C[ts][j] = c;

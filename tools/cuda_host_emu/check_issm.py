@@ -58,6 +58,14 @@ check(inp, "clamped", dt_softplus=True, dt_limit=(0.2, 0.4))
 for (b, L, H, G, P, N) in (T.MULTI if not os.environ.get('QUICK') else [(1, 129, 4, 2, 5, 33), (1, 140, 2, 1, 3, 260)]):
     inp = T._make(b, L, H, G, P, N, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True); inp["A"] = inp["A"] * 0.1
     check(inp, f"multi {b,L,H,G,P,N}", dt_softplus=True)
+inp = T._make(2, 70, 3, 1, 9, 40, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True)
+# strided views: x and dt with steps innermost, B, C slices of a wider tensor (bwd_chunk_kernel's 32-bit
+# offsets within a block follow the strides)
+inp["x"] = inp["x"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+inp["dt"] = inp["dt"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+for k in ("B", "C"):
+    inp[k] = torch.cat([inp[k], torch.randn_like(inp[k])], dim=3)[..., :40]
+check(inp, "strided x, dt, B, C", dt_softplus=True)
 inp = T._make(1, 150, 2, 1, 36, 128, F32, init=True)  # DEST3D-like: P = 36, N = 128 (4 states per lane)
 check(inp, "DEST3D-like P36 N128")
 inp = T._make(1, 150, 2, 1, 36, 128, BF16, z=True, D="h", init=True)
