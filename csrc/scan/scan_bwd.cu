@@ -38,13 +38,14 @@ __global__ __launch_bounds__(kThreads, 2) void bwd_kernel(ScanParams p, LookBack
   load_block<DY, M>(p.dy, blk, dim, 0.f, dy);
   auto g = [&](int i, int j) { return p.c.ptr ? get<M>(c, i, j) * get<M>(dy, i, j) : get<M>(dy, i, j); };
 
-  // h_{t0-1} of each row: stored, or recomputed as the forward kernel computed it.
+  // h_{t0-1} of each row: stored, or recomputed as the forward kernel computed it. A warp
+  // whose steps lie past the end of L reads none (h_{t0-1} is then past the stored states).
   float h_before[R];
   if (p.states.ptr) {
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const uint32_t rj = blk.r0 + j;
-      h_before[j] = j >= blk.n_rows ? 0.f
+      h_before[j] = j >= blk.n_rows || blk.n_steps == 0 ? 0.f
                     : blk.t0 > 0   ? static_cast<const float*>(p.states.ptr)[offset(p.states, rj, dim, blk.t0 - 1)]
                     : p.initial_state.ptr ? load_as<float>(p.initial_state.ptr, p.initial_dtype, offset(p.initial_state, rj, dim, 0))
                                           : 0.f;
