@@ -1,9 +1,9 @@
 // Row mode of the CUDA scan, for layouts with L contiguous (accelerated-scan's (B, C, T)) and
-// rows (b, d) enough to fill the GPU: a warp owns one row and walks it in segments of
-// 32 * V steps, lane l holding steps seg0 + l*V .. seg0 + l*V + V-1 (32 bytes of each input
-// when only a and x are read, else 16). Within a segment the lanes compose their (P, U) pairs by shuffles;
-// between segments the warp carries h itself. No look-back, no scratch, no block barrier, and
-// the next segment's loads are in flight while the current one is computed.
+// rows (b, d) enough to fill the GPU: kWpr warps own one row (a whole CTA when b and c are
+// absent, else one warp) and walk it in segments of kWpr * 32 * V steps, lane l of the row's
+// warp w holding steps seg0 + (32 w + l) V .. + V-1. Within a segment the lanes compose their
+// (P, U) pairs by shuffles and the warps through shared memory; between segments every thread
+// carries h itself. No look-back and no scratch.
 #include <c10/cuda/CUDAStream.h>
 
 #include "common/dispatch.h"
@@ -15,18 +15,25 @@ namespace scan {
 namespace {
 
 constexpr int kRowWarps = 8;
-// Segments in flight per warp, one of them being processed: 3 of 16 bytes per input per lane
-// when only a and x (and dy) are read, else 2 (registers).
-template <typename T, bool kPlain>
-constexpr int kDepth = kPlain && sizeof(T) < 4 ? 3 : 2;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
-// Steps per lane in a segment: 8 when b and c are absent (kPlain; fp32 then reads 32 bytes per
-// input, half the shuffle scans per step of 4 steps), else one 16-byte vector (registers).
+// kPlain (b and c absent: accelerated-scan's case) rows run a CTA per row, the 8 warps sharing
+// each segment, with one segment of loads at a time: measured on the H100 at (8, 1536, 4096),
+// this beats a warp per row with 2-3 segments in flight (fp32 fwd 214.5 -> 203.6 us, bf16
+// 111.7 -> 105.0 us), whose many small row streams kept DRAM below the Triton scalar kernel.
+// Other rows keep a warp per row, 2 segments in flight, one 16-byte vector per lane per input.
+template <bool kPlain>
+constexpr int kWarpsPerRow = kPlain ? kRowWarps : 1;
+template <bool kPlain>
+constexpr int kDepth = kPlain ? 1 : 2;
+// Steps per lane in a segment: 32 bytes of each input in the plain forward (fp32 8, 16-bit 16),
+// 8 in the plain backward (it also reads dy), else one 16-byte vector (registers).
 template <typename T, bool kPlain>
-constexpr int kLaneSteps = kPlain ? 8 : kVec<T>;
+constexpr int kLaneSteps = kPlain ? 32 / int(sizeof(T)) : kVec<T>;
+template <typename T, bool kPlain>
+constexpr int kBwdLaneSteps = kPlain ? 8 : kVec<T>;
 
 // N consecutive elements of T, as whole 16-byte pieces.
 template <typename T, int N>
@@ -88,12 +95,18 @@ __device__ __forceinline__ void pipelined(int64_t n_seg, bool reverse, Load&& lo
   }
 }
 
-// Where a warp's row lies in each view (L stride 1).
+// Where a warp's row lies in each view (L stride 1): a CTA holds kRowWarps / kWpr rows, kWpr
+// warps each; slot is the row's place in the CTA, sub the warp's place in the row.
+template <int kWpr>
 struct RowAt {
-  int64_t row, rb, rd;
+  int64_t rb, rd;
+  int slot, sub;
   bool exists;
   __device__ RowAt(const ScanParams& p) {
-    row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+    const int warp = threadIdx.x / 32;
+    slot = warp / kWpr;
+    sub = warp % kWpr;
+    const int64_t row = int64_t(blockIdx.x) * (kRowWarps / kWpr) + slot;
     exists = row < p.batch * p.dim;
     rb = exists ? row / p.dim : 0;
     rd = exists ? row % p.dim : 0;
@@ -115,11 +128,11 @@ struct Segment {
 template <typename T, bool kPlain>
 struct RowInputs {
   const T *a, *x, *b, *c;
-  __device__ RowInputs(const ScanParams& p, const RowAt& at)
-      : a(at.in<const T>(p.a)),
-        x(at.in<const T>(p.x)),
-        b(!kPlain && p.b.ptr ? at.in<const T>(p.b) : nullptr),
-        c(!kPlain && p.c.ptr ? at.in<const T>(p.c) : nullptr) {}
+  __device__ RowInputs(const ScanParams& p, const RowAt<kWarpsPerRow<kPlain>>& at)
+      : a(at.template in<const T>(p.a)),
+        x(at.template in<const T>(p.x)),
+        b(!kPlain && p.b.ptr ? at.template in<const T>(p.b) : nullptr),
+        c(!kPlain && p.c.ptr ? at.template in<const T>(p.c) : nullptr) {}
   // Steps t .. t + V - 1 into g (ok: they exist).
   template <typename DY, int V>
   __device__ void load(Segment<T, DY, V>& g, int64_t t, bool ok) const {
@@ -130,24 +143,31 @@ struct RowInputs {
   }
 };
 
-// kPlain: b and c absent.
+// kPlain: b and c absent. The warps' aggregates of a segment are composed through shared memory,
+// double-buffered by segment parity: one barrier per segment.
 template <typename T, typename Y, bool kPlain>
-__global__ __launch_bounds__(kRowWarps * 32, kDepth<T, kPlain> == 3 ? 4 : 3) void fwd_rows_kernel(ScanParams p) {
-  constexpr int V = kLaneSteps<T, kPlain>, kSeg = 32 * V;
+__global__ __launch_bounds__(kRowWarps * 32, 3) void fwd_rows_kernel(ScanParams p) {
+  constexpr int V = kLaneSteps<T, kPlain>, kWpr = kWarpsPerRow<kPlain>, kSeg = kWpr * 32 * V;
+  constexpr int kRowsPerCta = kRowWarps / kWpr;
   using Seg = Segment<T, T, V>;
-  const RowAt at(p);
-  if (!at.exists) return;
+  __shared__ float2 agg[2][kRowsPerCta][kWpr];
   const int lane = threadIdx.x % 32;
+  const RowAt<kWpr> at(p);
+  const int slot = at.slot, sub = at.sub;
+  const bool exists = at.exists;
   const RowInputs<T, kPlain> in(p, at);
   const T *b = in.b, *c = in.c;
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
+  const int64_t lane0 = int64_t(sub * 32 + lane) * V;
   auto load = [&](int64_t s, Seg& g) {
-    const int64_t t = s * kSeg + lane * V;
-    in.load(g, t, t < p.seqlen);
+    const int64_t t = s * kSeg + lane0;
+    in.load(g, t, exists && t < p.seqlen);
   };
-  float carry = p.initial_state.ptr ? load_as<float>(p.initial_state.ptr, p.initial_dtype, at.chunk(p.initial_state, 0)) : 0.f;
-  pipelined<kDepth<T, kPlain>, Seg>(n_seg, false, load, [&](int64_t s, const Seg& cur) {
-    const int64_t t = s * kSeg + lane * V;
+  float carry = exists && p.initial_state.ptr
+                    ? load_as<float>(p.initial_state.ptr, p.initial_dtype, at.chunk(p.initial_state, 0)) : 0.f;
+  int parity = 0;
+  pipelined<kDepth<kPlain>, Seg>(n_seg, false, load, [&](int64_t s, const Seg& cur) {
+    const int64_t t = s * kSeg + lane0;
     float u[V];
     float2 pu = make_float2(1.f, 0.f);
 #pragma unroll
@@ -157,8 +177,23 @@ __global__ __launch_bounds__(kRowWarps * 32, kDepth<T, kPlain> == 3 ? 4 : 3) voi
     }
     float2 before;
     const float2 upto = warp_scan<true>(pu, before);
+    float2 seg_all = make_float2(__shfl_sync(kFull, upto.x, 31), __shfl_sync(kFull, upto.y, 31));
+    if constexpr (kWpr > 1) {
+      if (lane == 31) agg[parity][slot][sub] = upto;
+      __syncthreads();
+      float2 ahead = make_float2(1.f, 0.f);  // the warps before this one in the segment
+#pragma unroll
+      for (int w = 0; w < kWpr; ++w) {
+        const float2 g = agg[parity][slot][w];
+        if (w < sub) ahead = then(ahead, g);
+        if (w == 0) seg_all = g;
+        else seg_all = then(seg_all, g);
+      }
+      before = then(ahead, before);
+      parity ^= 1;
+    }
     float h = before.x * carry + before.y;
-    if (p.chunk_states.ptr && t < p.seqlen && t % kChunk == 0)
+    if (exists && p.chunk_states.ptr && t < p.seqlen && t % kChunk == 0)
       static_cast<float*>(p.chunk_states.ptr)[at.chunk(p.chunk_states, t / kChunk)] = h;
     float hs[V], ys[V];
 #pragma unroll
@@ -166,39 +201,47 @@ __global__ __launch_bounds__(kRowWarps * 32, kDepth<T, kPlain> == 3 ? 4 : 3) voi
       hs[i] = h = cur.a[i] * h + u[i];
       ys[i] = c ? cur.c[i] * h : h;
     }
-    if (t < p.seqlen) {
-      if (p.y.ptr) store_row<Y, V>(at.in<Y>(p.y) + t, ys);
-      if (p.states.ptr) store_row<float, V>(at.in<float>(p.states) + t, hs);
+    if (exists && t < p.seqlen) {
+      if (p.y.ptr) store_row<Y, V>(at.template in<Y>(p.y) + t, ys);
+      if (p.states.ptr) store_row<float, V>(at.template in<float>(p.states) + t, hs);
     }
-    carry = __shfl_sync(kFull, upto.x * carry + upto.y, 31);
+    carry = seg_all.x * carry + seg_all.y;
   });
-  if (lane == 0 && p.final_state.ptr) static_cast<float*>(p.final_state.ptr)[at.chunk(p.final_state, 0)] = carry;
+  if (exists && sub == 0 && lane == 0 && p.final_state.ptr)
+    static_cast<float*>(p.final_state.ptr)[at.chunk(p.final_state, 0)] = carry;
 }
 
 // From the last segment to the first: h recomputed from the chunk state entering the segment
 // (as the forward computed it), then the carry recurrence carry_t = a_t*(c_t*dy_t + carry_{t+1}).
+// kWpr warps share a row as in the forward; both scans' warp aggregates go through shared memory
+// with one barrier per segment.
 template <typename T, typename DY, bool kPlain>
-__global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams p) {
-  constexpr int V = kLaneSteps<T, kPlain>, kSeg = 32 * V;
+__global__ __launch_bounds__(kRowWarps * 32, kPlain ? 3 : 2) void bwd_rows_kernel(ScanParams p) {
+  constexpr int V = kBwdLaneSteps<T, kPlain>, kWpr = kWarpsPerRow<kPlain>, kSeg = kWpr * 32 * V;
+  constexpr int kRowsPerCta = kRowWarps / kWpr;
   using Seg = Segment<T, DY, V>;
-  const RowAt at(p);
-  if (!at.exists) return;
+  __shared__ float2 agg[2][2][kRowsPerCta][kWpr];  // [parity][forward, reverse]
   const int lane = threadIdx.x % 32;
+  const RowAt<kWpr> at(p);
+  const int slot = at.slot, sub = at.sub;
+  const bool exists = at.exists;
   const RowInputs<T, kPlain> in(p, at);
   const T *b = in.b, *c = in.c;
-  const DY* dy = at.in<const DY>(p.dy);
+  const DY* dy = at.template in<const DY>(p.dy);
   const float* chunk_states = static_cast<const float*>(p.chunk_states.ptr);
   const int64_t n_seg = (p.seqlen + kSeg - 1) / kSeg;
+  const int64_t lane0 = int64_t(sub * 32 + lane) * V;
   auto load = [&](int64_t s, Seg& g) {
-    const int64_t t = s * kSeg + lane * V;
-    const bool ok = t < p.seqlen;
+    const int64_t t = s * kSeg + lane0;
+    const bool ok = exists && t < p.seqlen;
     in.load(g, t, ok);
     g.dy.load(dy + t, ok, 0.f);
-    g.h_in = chunk_states[at.chunk(p.chunk_states, s * (kSeg / kChunk))];
+    g.h_in = exists ? chunk_states[at.chunk(p.chunk_states, s * (kSeg / kChunk))] : 0.f;
   };
-  float carry = p.dfinal_state.ptr ? static_cast<const float*>(p.dfinal_state.ptr)[at.chunk(p.dfinal_state, 0)] : 0.f;
-  pipelined<kDepth<T, kPlain>, Seg>(n_seg, true, load, [&](int64_t s, const Seg& cur) {
-    const int64_t t = s * kSeg + lane * V;
+  float carry = exists && p.dfinal_state.ptr ? static_cast<const float*>(p.dfinal_state.ptr)[at.chunk(p.dfinal_state, 0)] : 0.f;
+  int parity = 0;
+  pipelined<kDepth<kPlain>, Seg>(n_seg, true, load, [&](int64_t s, const Seg& cur) {
+    const int64_t t = s * kSeg + lane0;
     float u[V], g[V];
     float2 pu = make_float2(1.f, 0.f);
 #pragma unroll
@@ -208,44 +251,64 @@ __global__ __launch_bounds__(kRowWarps * 32, 2) void bwd_rows_kernel(ScanParams 
       pu = make_float2(cur.a[i] * pu.x, cur.a[i] * pu.y + u[i]);
     }
     float2 before;
-    warp_scan<true>(pu, before);
+    const float2 upto_f = warp_scan<true>(pu, before);
+    pu = make_float2(1.f, 0.f);  // the carry map of the lane's steps, last step first
+#pragma unroll
+    for (int i = V - 1; i >= 0; --i) pu = make_float2(cur.a[i] * pu.x, cur.a[i] * (pu.y + g[i]));
+    float2 after;
+    const float2 upto_r = warp_scan<false>(pu, after);
+    float2 seg_r = make_float2(__shfl_sync(kFull, upto_r.x, 0), __shfl_sync(kFull, upto_r.y, 0));
+    if constexpr (kWpr > 1) {
+      if (lane == 31) agg[parity][0][slot][sub] = upto_f;
+      if (lane == 0) agg[parity][1][slot][sub] = upto_r;
+      __syncthreads();
+      float2 ahead = make_float2(1.f, 0.f), behind = make_float2(1.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < kWpr; ++w)
+        if (w < sub) ahead = then(ahead, agg[parity][0][slot][w]);
+#pragma unroll
+      for (int w = kWpr - 1; w >= 0; --w) {
+        const float2 r = agg[parity][1][slot][w];
+        if (w > sub) behind = then(behind, r);
+        seg_r = w == kWpr - 1 ? r : then(seg_r, r);
+      }
+      before = then(ahead, before);
+      after = then(behind, after);
+      parity ^= 1;
+    }
     float hs[V + 1];  // hs[i + 1] = h at step i, hs[0] the state before the lane's steps
     hs[0] = before.x * cur.h_in + before.y;
 #pragma unroll
     for (int i = 0; i < V; ++i) hs[i + 1] = cur.a[i] * hs[i] + u[i];
-
-    pu = make_float2(1.f, 0.f);  // the carry map of the lane's steps, last step first
-#pragma unroll
-    for (int i = V - 1; i >= 0; --i) pu = make_float2(cur.a[i] * pu.x, cur.a[i] * (pu.y + g[i]));
-    const float2 upto = warp_scan<false>(pu, before);
-    float k = before.x * carry + before.y, dh[V];
+    float k = after.x * carry + after.y, dh[V];
 #pragma unroll
     for (int i = V - 1; i >= 0; --i) {
       dh[i] = g[i] + k;
       k = cur.a[i] * dh[i];
     }
-    if (t < p.seqlen) {
+    if (exists && t < p.seqlen) {
       float o[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) o[i] = hs[i] * dh[i];
-      store_row<T, V>(at.in<T>(p.da) + t, o);
+      store_row<T, V>(at.template in<T>(p.da) + t, o);
 #pragma unroll
       for (int i = 0; i < V; ++i) o[i] = b ? cur.b[i] * dh[i] : dh[i];
-      store_row<T, V>(at.in<T>(p.dx) + t, o);
+      store_row<T, V>(at.template in<T>(p.dx) + t, o);
       if (p.db.ptr) {
 #pragma unroll
         for (int i = 0; i < V; ++i) o[i] = cur.x[i] * dh[i];
-        store_row<T, V>(at.in<T>(p.db) + t, o);
+        store_row<T, V>(at.template in<T>(p.db) + t, o);
       }
       if (p.dc.ptr) {
 #pragma unroll
         for (int i = 0; i < V; ++i) o[i] = hs[i + 1] * cur.dy[i];
-        store_row<T, V>(at.in<T>(p.dc) + t, o);
+        store_row<T, V>(at.template in<T>(p.dc) + t, o);
       }
     }
-    carry = __shfl_sync(kFull, upto.x * carry + upto.y, 0);
+    carry = seg_r.x * carry + seg_r.y;
   });
-  if (lane == 0 && p.dinitial_state.ptr) store_as(p.dinitial_state.ptr, p.initial_dtype, at.chunk(p.dinitial_state, 0), carry);
+  if (exists && sub == 0 && lane == 0 && p.dinitial_state.ptr)
+    store_as(p.dinitial_state.ptr, p.initial_dtype, at.chunk(p.dinitial_state, 0), carry);
 }
 
 // Row mode needs L contiguous, 16-byte aligned rows (vec = kVec<T> steps) in every view, L a
@@ -261,7 +324,8 @@ bool rows_ok(const ScanParams& p, int vec, int lane_steps, std::initializer_list
   return true;
 }
 
-unsigned row_blocks(const ScanParams& p) { return ceil_div(p.batch * p.dim, kRowWarps); }
+template <bool kPlain>
+unsigned row_blocks(const ScanParams& p) { return ceil_div(p.batch * p.dim, kRowWarps / kWarpsPerRow<kPlain>); }
 
 }  // namespace
 
@@ -274,7 +338,7 @@ bool launch_rows_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType out)
       // every view is checked at the input's vector length; wider outputs take 2 stores
       bool_switch(!p.b.ptr && !p.c.ptr, [&](auto plain) {
         if (!rows_ok(p, kVec<T>, kLaneSteps<T, plain>, {p.x, p.a, p.b, p.c, p.y, p.states})) return;
-        fwd_rows_kernel<T, Y, plain><<<row_blocks(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+        fwd_rows_kernel<T, Y, plain><<<row_blocks<plain>(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         done = true;
       });
@@ -291,8 +355,8 @@ bool launch_rows_bwd(const ScanParams& p, at::ScalarType in, at::ScalarType dy) 
     dispatch_out_dtype<T>(dy, [&](auto tdy) {
       using DY = decltype(tdy);
       bool_switch(!p.b.ptr && !p.c.ptr, [&](auto plain) {
-        if (!rows_ok(p, kVec<T>, kLaneSteps<T, plain>, {p.x, p.a, p.b, p.c, p.dy, p.dx, p.da, p.db, p.dc})) return;
-        bwd_rows_kernel<T, DY, plain><<<row_blocks(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+        if (!rows_ok(p, kVec<T>, kBwdLaneSteps<T, plain>, {p.x, p.a, p.b, p.c, p.dy, p.dx, p.da, p.db, p.dc})) return;
+        bwd_rows_kernel<T, DY, plain><<<row_blocks<plain>(p), kRowWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         done = true;
       });
