@@ -109,7 +109,7 @@ __device__ __forceinline__ float delta_of(const IssmParams& p, float v, float* m
     phi = log1pf(__expf(v));
     dphi = sigmoid_f(v);
   }
-  const float lo = float(p.dt_lo), hi = float(p.dt_hi);
+  const float lo = p.dt_lo_f, hi = p.dt_hi_f;
   if (mask) *mask = (phi >= lo && phi <= hi) ? dphi : 0.f;
   return fminf(fmaxf(phi, lo), hi);
 }
@@ -240,6 +240,7 @@ struct Tile {
   Cta a;
   int lane, warp, PC;
   int g, nlo, plo, pw, nl, c0, c1;
+  int xts, xpc;  // this thread's (step in block, p) element of a block's x (and gy)
   bool pin[kPPT], nin[NPT];
 };
 
@@ -257,6 +258,8 @@ __device__ __forceinline__ Tile<NPT> make_tile_at(const IssmParams& p, const Til
   u.nl = u.nlo + u.lane * NPT;
   u.c0 = u.a.c * tl.Tc;
   u.c1 = std::min(u.c0 + tl.Tc, tl.seqlen);
+  u.xts = threadIdx.x / u.PC;
+  u.xpc = threadIdx.x % u.PC;
 #pragma unroll
   for (int j = 0; j < kPPT; ++j) u.pin[j] = u.pw + j < p.headdim;
 #pragma unroll
@@ -317,25 +320,58 @@ struct Raw {
 // Element q of this thread's share of the block's (step, n) elements.
 __device__ __forceinline__ int raw_index(int q) { return threadIdx.x + q * blockDim.x; }
 
+// The block's (step, n) inputs from CTA-uniform bases at (t0, nlo): element (ts, j) at ts * s1 + j * s3,
+// in 32-bit arithmetic when every such offset of the block fits (o32: two integer multiply-adds per
+// load instead of View4::at's 64-bit products); in bounds where ts < nt and j < nn.
+template <typename T>
+struct RawBase {
+  const T *dt, *B, *C;
+  int nt, nn;
+  bool o32;
+};
+__device__ __forceinline__ bool fits32(const View4& v, int64_t n3) {
+  return (kTS - 1) * v.s1 + (n3 - 1) * v.s3 < (int64_t(1) << 31);
+}
+template <typename T, int NPT>
+__device__ __forceinline__ RawBase<T> raw_base(const IssmParams& p, const Tile<NPT>& u, int64_t t0) {
+  RawBase<T> rb;
+  rb.dt = static_cast<const T*>(p.dt.ptr) + p.dt.at(u.a.row, t0, u.a.h, u.nlo);
+  rb.B = static_cast<const T*>(p.B.ptr) + p.B.at(u.a.row, t0, u.g, u.nlo);
+  rb.C = static_cast<const T*>(p.C.ptr) + p.C.at(u.a.row, t0, u.g, u.nlo);
+  rb.nt = u.c1 - static_cast<int>(t0);
+  rb.nn = static_cast<int>(p.dstate) - u.nlo;
+  rb.o32 = fits32(p.dt, 32 * NPT) && fits32(p.B, 32 * NPT) && fits32(p.C, 32 * NPT);
+  return rb;
+}
+template <typename T>
+__device__ __forceinline__ void load_raw(const IssmParams& p, const RawBase<T>& rb, int ts, int j, bool in, T& dt, T& B,
+                                         T& C) {
+  if (rb.o32) {
+    dt = in ? rb.dt[ts * int(p.dt.s1) + j * int(p.dt.s3)] : T(0.f);
+    B = in ? rb.B[ts * int(p.B.s1) + j * int(p.B.s3)] : T(0.f);
+    C = in ? rb.C[ts * int(p.C.s1) + j * int(p.C.s3)] : T(0.f);
+  } else {
+    dt = in ? rb.dt[ts * p.dt.s1 + j * p.dt.s3] : T(0.f);
+    B = in ? rb.B[ts * p.B.s1 + j * p.B.s3] : T(0.f);
+    C = in ? rb.C[ts * p.C.s1 + j * p.C.s3] : T(0.f);
+  }
+}
+
 // Issues the loads of steps [t0, min(t0 + kTS, c1)); nothing waits on them here.
 template <typename T, int NPT, int Q, int EX>
 __device__ __forceinline__ void prefetch_block(const IssmParams& p, Raw<T, Q>& r, const float* gy_buf,
                                                const Tile<NPT>& u, int64_t t0) {
   constexpr int NT = 32 * NPT;
-  const int64_t row = u.a.row, h = u.a.h;
+  const RawBase<T> rb = raw_base<T>(p, u, t0);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int i = raw_index(q);
-    const int64_t t = t0 + i / NT, n = u.nlo + i % NT;
-    const bool in = i < kTS * NT && t < u.c1 && n < p.dstate;
-    r.dt[q] = in ? static_cast<const T*>(p.dt.ptr)[p.dt.at(row, t, h, n)] : T(0.f);
-    r.B[q] = in ? static_cast<const T*>(p.B.ptr)[p.B.at(row, t, u.g, n)] : T(0.f);
-    r.C[q] = in ? static_cast<const T*>(p.C.ptr)[p.C.at(row, t, u.g, n)] : T(0.f);
+    const int i = raw_index(q), ts = i / NT, j = i % NT;
+    load_raw<T>(p, rb, ts, j, i < kTS * NT && ts < rb.nt && j < rb.nn, r.dt[q], r.B[q], r.C[q]);
   }
-  const int64_t t = t0 + threadIdx.x / u.PC, pp = u.plo + threadIdx.x % u.PC;
-  const bool in = t < u.c1 && pp < p.headdim;
-  r.x = in ? static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)] : T(0.f);
-  if constexpr (EX == kGy) r.gy = in ? gy_buf[gy_index(p, row, t, h, pp)] : 0.f;
+  const bool in = u.xts < rb.nt && u.plo + u.xpc < p.headdim;
+  const T* x = static_cast<const T*>(p.x.ptr) + p.x.at(u.a.row, t0, u.a.h, u.plo);
+  r.x = in ? x[fits32(p.x, kMaxPC) ? u.xts * int(p.x.s1) + u.xpc * int(p.x.s3) : u.xts * p.x.s1 + u.xpc * p.x.s3] : T(0.f);
+  if constexpr (EX == kGy) r.gy = in ? gy_buf[gy_index(p, u.a.row, t0 + u.xts, u.a.h, u.plo + u.xpc)] : 0.f;
 }
 
 // dec, k, C of state j of the n-tile from its raw dt, B, C (1, 0, 0 when !in); A and dt_bias of the
@@ -369,25 +405,26 @@ template <typename T, int NPT, int Q, int EX>
 __device__ __forceinline__ void commit_block(const IssmParams& p, const Raw<T, Q>& r, Stage<32 * NPT>& st,
                                              const float* sA, const float* sbias, const Tile<NPT>& u, int64_t t0) {
   constexpr int NT = 32 * NPT;
+  const int nt = u.c1 - static_cast<int>(t0), nn = static_cast<int>(p.dstate) - u.nlo;
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
     const int i = raw_index(q);
     if (i >= kTS * NT) break;
     const int ts = i / NT, j = i % NT;
-    stage_elem<T, NT>(p, st, sA, sbias, ts, j, t0 + ts < u.c1 && u.nlo + j < p.dstate, r.dt[q], r.B[q], r.C[q]);
+    stage_elem<T, NT>(p, st, sA, sbias, ts, j, ts < nt && j < nn, r.dt[q], r.B[q], r.C[q]);
   }
-  for (int i = raw_index(Q); i < kTS * NT; i += blockDim.x) {
-    const int ts = i / NT, j = i % NT;
-    const int64_t t = t0 + ts, n = u.nlo + j;
-    const bool in = t < u.c1 && n < p.dstate;
-    const T* dt = static_cast<const T*>(p.dt.ptr);
-    const T* B = static_cast<const T*>(p.B.ptr);
-    const T* C = static_cast<const T*>(p.C.ptr);
-    stage_elem<T, NT>(p, st, sA, sbias, ts, j, in, in ? dt[p.dt.at(u.a.row, t, u.a.h, n)] : T(0.f),
-                      in ? B[p.B.at(u.a.row, t, u.g, n)] : T(0.f), in ? C[p.C.at(u.a.row, t, u.g, n)] : T(0.f));
+  if (raw_index(Q) < kTS * NT) {  // CTAs too small to prefetch the whole block load the rest now
+    const RawBase<T> rb = raw_base<T>(p, u, t0);
+    for (int i = raw_index(Q); i < kTS * NT; i += blockDim.x) {
+      const int ts = i / NT, j = i % NT;
+      const bool in = ts < nt && j < nn;
+      T dt, B, C;
+      load_raw<T>(p, rb, ts, j, in, dt, B, C);
+      stage_elem<T, NT>(p, st, sA, sbias, ts, j, in, dt, B, C);
+    }
   }
-  st.x[threadIdx.x / u.PC][threadIdx.x % u.PC] = float(r.x);
-  if constexpr (EX == kGy) st.gy[threadIdx.x / u.PC][threadIdx.x % u.PC] = r.gy;
+  st.x[u.xts][u.xpc] = float(r.x);
+  if constexpr (EX == kGy) st.gy[u.xts][u.xpc] = r.gy;
 }
 
 // The y epilogue of one element (t, p) of head h: y includes D x (Dv: D[h, p], 0 when absent;
