@@ -78,8 +78,9 @@ check(inp, "multi cu_seqlens + seq_idx")
 for dt in (BF16, F16):
     check(T._make(2, 40, 4, 2, 8, 16, dt, D="hp", z=True, dt_bias="h", init=True, softplus=True), f"{dt}", dt_softplus=True)
 check(T._make(2, 45, 4, 2, 8, 16, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True, param_dtype=BF16), "params bf16", dt_softplus=True, tol=2e-2)
-# The forward's look-back walks (hide 1 / 2: chunk tiles fold their predecessors' aggregates) give
-# bitwise the results of the direct chain (hide 0), forward and backward.
+# The forward's look-back walks (hide 1 / 2: chunk tiles fold their predecessors' aggregates; 2 also
+# addresses the staging loads with 64-bit offsets) give bitwise the results of the direct chain and
+# 32-bit offsets (hide 0), forward and backward.
 lens = [70, 0, 64, 1, 0, 250, 15]
 cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 inp = T._make(1, sum(lens), 2, 1, 70, 12, F32, D="hp", z=True, dt_bias="hn", init=True, nseq=len(lens)); inp["A"] *= 0.1

@@ -41,6 +41,9 @@ EDITS = {
          "lb_k = !emu::hide_states() && ld_acquire_flag(flags + flag_index(tl, a, a.c - 1)) == kFlagIncl ? a.c - 1 : -1;"),
         ("if (f == kFlagIncl) return k;",
          "if (f == kFlagIncl && (k == 0 || !emu::hide_states() || (emu::hide_states() == 2 && k % 2 == 0))) return k;"),
+        # hide_states() == 2 also takes the staging's 64-bit offsets (fits32 false)
+        ("return (kTS - 1) * v.s1 + (n3 - 1) * v.s3 < (int64_t(1) << 31);",
+         "return emu::hide_states() != 2 && (kTS - 1) * v.s1 + (n3 - 1) * v.s3 < (int64_t(1) << 31);"),
     ],
     "scan_cuda.cuh": [
         ("return k < lb.n_strips ? kEmpty : ld_relaxed32(",
