@@ -75,6 +75,8 @@ Inputs check_inputs(IssmParams& p, const at::Tensor& x, const at::Tensor& dt, co
   p.dt_softplus = dt_softplus;
   p.dt_lo = lo;
   p.dt_hi = hi;
+  p.dt_lo_f = static_cast<float>(lo);
+  p.dt_hi_f = static_cast<float>(hi);
   p.in_dtype = dtype_of(x);
   p.x = view4(x);
   p.dt = view4(dt);

@@ -44,6 +44,7 @@ struct IssmParams {
 
   bool dt_softplus = false;  // phi = softplus (identity above 20) or identity
   double dt_lo = 0.0, dt_hi = 0.0;  // the clamp, always applied; hi may be +inf
+  float dt_lo_f = 0.f, dt_hi_f = 0.f;  // the same in fp32 (the CUDA kernels' clamp, converted once)
   bool D_per_head = false;          // D is (H,) (else (H, P))
   bool dt_bias_per_head = false;    // dt_bias is (H,) (else (H, N))
 

@@ -667,7 +667,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   bb.ntb = ntb;
 
   if (tf.ctas() > 0) {
-    run_forward<T, kOutBwd>(p, tf, fb, stream);  // 1.
+    run_forward<T, kOutBwd>(p, tf, fb, like, stream);  // 1.
     const unsigned threads = static_cast<unsigned>(tf.warps * 32);
     npt_switch(tf.npt, [&](auto npt) {  // 2.
       adj_local_kernel<T, decltype(npt)::value><<<static_cast<unsigned>(tf.ctas()), threads, 0, stream>>>(p, tf, bb);

@@ -1,5 +1,5 @@
-// CUDA forward of the ISSM scan: phases A (chunk states), B (state passing), C (chunk output);
-// see issm_cuda.cuh. Same semantics as issm_cpu.cpp's forward.
+// CUDA forward of the ISSM scan: one chunk kernel with the state passing inside the launch (plus
+// ypart_kernel for N > 256); see issm_cuda.cuh. Same semantics as issm_cpu.cpp's forward.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -30,19 +30,17 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
-    const Tiling tl = make_tiling(p, 0, 8);
-    const auto f32 = x.options().dtype(at::kFloat);
-    at::Tensor states = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)}, f32);
-    at::Tensor prod = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.dstate, 1)}, f32);
+    const Tiling tl = make_tiling(p, kFwdChunk, 8);
+    at::Tensor states = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)},
+                                  x.options().dtype(at::kFloat));
     at::Tensor ypart;
     Bufs bufs;
     bufs.states = states.data_ptr<float>();
-    bufs.prod = prod.data_ptr<float>();
     if (tl.ntn > 1) {
-      ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, f32);
+      ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, x.options().dtype(at::kFloat));
       bufs.ypart = ypart.data_ptr<float>();
     }
-    run_forward<T, kOut>(p, tl, bufs, stream);
+    run_forward<T, kOut>(p, tl, bufs, x, stream);
     if (p.final_states.ptr && (p.cu_seqlens || p.seqlen == 0) && p.nseq > 0) {
       empty_segments_kernel<false><<<blocks_for(p.nseq * p.nheads * p.headdim * p.dstate, 256), 256, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -78,6 +78,26 @@ check(inp, "multi cu_seqlens + seq_idx")
 for dt in (BF16, F16):
     check(T._make(2, 40, 4, 2, 8, 16, dt, D="hp", z=True, dt_bias="h", init=True, softplus=True), f"{dt}", dt_softplus=True)
 check(T._make(2, 45, 4, 2, 8, 16, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True, param_dtype=BF16), "params bf16", dt_softplus=True, tol=2e-2)
+# The forward's look-back walks (hide 1 / 2: chunk tiles fold their predecessors' aggregates; 2 also
+# addresses the staging loads with 64-bit offsets) give bitwise the results of the direct chain and
+# 32-bit offsets (hide 0), forward and backward.
+lens = [70, 0, 64, 1, 0, 250, 15]
+cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+inp = T._make(1, sum(lens), 2, 1, 70, 12, F32, D="hp", z=True, dt_bias="hn", init=True, nseq=len(lens)); inp["A"] *= 0.1
+inp["cu_seqlens"] = cu; ids = torch.zeros(1, sum(lens), dtype=torch.int32); ids[0, 100:] = 1; ids[0, 190:] = 2; inp["seq_idx"] = ids
+for case, x in (("walk multi chunk", T._make(2, 300, 2, 1, 5, 40, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True)),
+                ("walk cu_seqlens + seq_idx, P70", inp)):
+    args = lambda: (x["x"], x["dt"], x["A"], x["B"], x["C"], 64, x["D"], x["z"], x["dt_bias"], x["initial_states"], x["seq_idx"], x["cu_seqlens"], True, 0.0, float("inf"))
+    dout = torch.randn(x["x"].shape)
+    base = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None)
+    for h in (1, 2):
+        hemu.set_device(1, h)
+        got = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None)
+        hemu.set_device(1, 0)
+        same = all(torch.equal(a, b) for a, b in zip(list(base[0]) + [g for g in base[1] if g is not None],
+                                                     list(got[0]) + [g for g in got[1] if g is not None]))
+        fails += not same
+        print(f"{case} hide={h}: bitwise equal to the direct chain {same}", flush=True)
 inp = T._make(2, 0, 2, 1, 3, 4, F32, init=True, D="h", z=True)
 out, fs = hemu.issm_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], None, inp["initial_states"], None, None, False, 0.0, float("inf"), True)
 ok = torch.equal(fs, inp["initial_states"])

@@ -21,6 +21,10 @@ HOST_BODIES = {
         "pack2": 'emu::unsupported("pack2");',
         "tanh_approx": "return std::tanh(x);",
     },
+    "issm_cuda.cuh": {
+        "ld_acquire_flag": "return emu::ld_acquire(f);",
+        "st_release_flag": "emu::st_release(f, v);",
+    },
     "scan_cuda.cuh": {
         "ld_relaxed32": "return emu::ld_relaxed(p);",
         "ld_relaxed64": "return emu::ld_relaxed(p);",
@@ -30,6 +34,17 @@ HOST_BODIES = {
 }
 # Exact rewrites (each must occur once): emu::hide_states() makes the look-back walk.
 EDITS = {
+    # hide_states() != 0: every chunk tile publishes its aggregate and walks back; the walk passes the
+    # inclusive states of all (1) / the odd (2) chunks after the first, folding their aggregates.
+    "issm_cuda.cuh": [
+        ("lb_k = ld_acquire_flag(flags + flag_index(tl, a, a.c - 1)) == kFlagIncl ? a.c - 1 : -1;",
+         "lb_k = !emu::hide_states() && ld_acquire_flag(flags + flag_index(tl, a, a.c - 1)) == kFlagIncl ? a.c - 1 : -1;"),
+        ("if (f == kFlagIncl) return k;",
+         "if (f == kFlagIncl && (k == 0 || !emu::hide_states() || (emu::hide_states() == 2 && k % 2 == 0))) return k;"),
+        # hide_states() == 2 also takes the staging's 64-bit offsets (fits32 false)
+        ("return (kTS - 1) * v.s1 + (n3 - 1) * v.s3 < (int64_t(1) << 31);",
+         "return emu::hide_states() != 2 && (kTS - 1) * v.s1 + (n3 - 1) * v.s3 < (int64_t(1) << 31);"),
+    ],
     "scan_cuda.cuh": [
         ("return k < lb.n_strips ? kEmpty : ld_relaxed32(",
          "return k < lb.n_strips || emu::hide_states() ? kEmpty : ld_relaxed32("),

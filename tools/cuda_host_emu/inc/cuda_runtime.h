@@ -61,6 +61,8 @@ int hide_states();
 uint32_t lookback_state(uint32_t st, const uint64_t* agg);
 template <class T> inline T ld_relaxed(const T* p) { return std::atomic_ref<T>(*const_cast<T*>(p)).load(std::memory_order_relaxed); }
 template <class T> inline void st_relaxed(T* p, T v) { std::atomic_ref<T>(*p).store(v, std::memory_order_relaxed); }
+template <class T> inline T ld_acquire(const T* p) { return std::atomic_ref<T>(*const_cast<T*>(p)).load(std::memory_order_acquire); }
+template <class T> inline void st_release(T* p, T v) { std::atomic_ref<T>(*p).store(v, std::memory_order_release); }
 [[noreturn]] void unsupported(const char* what);
 }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F, int attr, int v) {
@@ -78,6 +80,9 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = null
 inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
 inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
 inline void __nanosleep(unsigned) { emu::spin(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {}
 inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
