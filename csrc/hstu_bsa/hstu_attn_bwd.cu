@@ -1,14 +1,16 @@
 // Dense causal HSTU attention, backward (CUDA), deterministic: two passes, no atomics.
 //   s = alpha q_t.k_j, w = silu(s) / n * mask(t, j), dP(t, j) = dout_t . v_j,
 //   dS = alpha dP mask / n silu'(s):  dv_j = sum_t w dout_t, dk_j = sum_t dS q_t, dq_t = sum_j dS k_j.
-// dk/dv pass: a CTA owns 64 keys (K, V resident in shared memory) and walks the query tiles
-// from its diagonal to the end of the sequence, computing S^T = K Q^T and dP^T = V dO^T, so
-// w^T and dS^T are already the A operands of dV += w^T dO and dK += dS^T Q.
+// dk/dv pass: a CTA owns 128 keys (fp32: 64; K, V resident in shared memory) and walks the
+// 32-query tiles from its diagonal to the end of the sequence through a Q / dO cp.async ring
+// (walk_kv_tiles with KEEP = 1), computing S^T = K Q^T and dP^T = V dO^T, so w^T and dS^T are
+// already the A operands of dV += w^T dO and dK += dS^T Q. Warps come in pairs sharing 32 keys:
+// one accumulates dV, the other dK (g^T = the silu' factor handed over in shared memory).
 // dq pass: the forward's shape (hstu_tile.cuh: a CTA owns 128 queries, 8 warps x 16 rows, at
 // most 128 registers so 2 CTAs = 16 warps per SM; fp32: 64 queries, 4 warps), Q and dO resident,
 // walking the key tiles (32 keys at d 128 on the tensor cores, else 64) up to its diagonal
 // through the forward's K / V ring (walk_kv_tiles): S = Q K^T, dP = dO V^T, dQ += dS K.
-// attn_mask is a template parameter of the dq pass. Each output element is summed by one thread
+// attn_mask is a template parameter of both passes. Each output element is summed by one thread
 // in a fixed order, so results are bitwise reproducible.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,14 +22,32 @@ namespace ssm_ext {
 namespace hstu_bsa {
 namespace {
 
-// Query columns per tile in the dk/dv pass (32 at D = 128 keeps dK, dV, S, dP in registers).
-template <int D>
-constexpr int kQC = D >= 128 ? 32 : 64;
+// dk/dv pass shape: a CTA owns kKvPairs x 32 keys (K, V resident); a warp pair shares 32 keys
+// (two 16-row tiles, MT = 2): the "dV warp" w < kKvPairs and the "dK warp" w + kKvPairs. Each
+// owns one 32 x D accumulator, so at d 128 a warp holds 128 accumulator registers, not 256.
+template <typename T>
+constexpr int kKvPairs = kTensorCores<T> ? 4 : 2;
+template <typename T>
+constexpr int kKvThreads = 2 * kKvPairs<T> * 32;
+constexpr int kPairKeys = 32;
+template <typename T>
+constexpr int kKvKeys = kKvPairs<T> * kPairKeys;  // keys per CTA: 128 (fp32: 64)
+constexpr int kQCols = 32;                         // queries per tile
+// Q / dO ring: the dK warps use tile it - 1 during iteration it (KEEP = 1), so 4 stages keep
+// 2 tiles in flight (fp32: 3 stages, 1 in flight; its tiles are twice the bytes).
+template <typename T>
+constexpr int kQStages = kTensorCores<T> ? 4 : 3;
 
+// K, V resident + the Q / dO ring + g double-buffered per pair (32 x 32 fp32) + fp32 scratch:
+// bf16 d 128 64 + 64 + 32 = 160 KB (1 CTA per SM: the registers allow no more), d 64 96 KB;
+// fp32 d 128 64 + 96 + 16 + 9 = 185 KB.
 template <typename T, int D>
 constexpr size_t dkdv_smem() {
-  return size_t(2 * kRows + 4 * kQC<D>) * D * sizeof(T) + size_t(kWarps) * scratch_floats<T, kQC<D> / 8>() * 4;
+  return size_t(2 * kKvKeys<T> + 2 * kQStages<T> * kQCols) * D * sizeof(T) +
+         size_t(2 * kKvPairs<T> * kPairKeys * kQCols) * 4 +
+         size_t(2 * kKvPairs<T>) * scratch_floats<T, kQCols / 8>() * 4;
 }
+
 // Q, dO resident (kQRows each) + the K / V ring: bf16 d 128 64 + 48 = 112 KB (2 CTAs per SM on
 // the H100's 228 KB), d 64 32 + 48 = 80 KB; fp32 (2 stages of 64 keys) d 128 209 KB.
 template <typename T, int D>
@@ -40,83 +60,130 @@ struct BwdOperands {
   Operand q, k, v, dout;
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dense_dkdv_kernel(const HstuParams p, const BwdOperands X, int n_tiles) {
-  constexpr int QC = kQC<D>;
+// Per tile (32 queries) and pair (keys r0 .. r0 + 31 of the CTA): the dV warp computes
+// S^T = K Q^T, w^T = silu(alpha S^T) / n * mask and g^T = silu'-factor * mask (one tanh for both),
+// publishes g^T in shared memory and adds dV += w^T dO; the dK warp computes dP^T = V dO^T and
+// adds dK += (dP^T * g^T) Q for the previous tile, whose g^T the barrier at the top of this
+// iteration has published (so it never waits on its partner within an iteration, and the dV
+// warp's element-wise work overlaps the dK warp's products). Each warp reads 48 ldmatrix.x4 per
+// 128 MMAs per tile (the former 16-key warps: 80 per 128).
+template <typename T, int D, bool MASK>
+__global__ void __launch_bounds__(kKvThreads<T>, 1) dense_dkdv_kernel(const HstuParams p, const BwdOperands X) {
+  constexpr int NP = kKvPairs<T>, NTH = kKvThreads<T>, KB = kKvKeys<T>, QC = kQCols, NT = QC / 8, MT = kPairKeys / 16,
+                S = kQStages<T>;
+  constexpr int GF = MT * NT * 4 * 32;  // floats of one pair's g^T tile
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // 1024: see Tile::addr
   T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + kRows * D;
-  T* sQ = sV + kRows * D;   // 2 stages
-  T* sO = sQ + 2 * QC * D;  // dout, 2 stages
-  float* scratch = reinterpret_cast<float*>(sO + 2 * QC * D);
+  T* sV = sK + KB * D;
+  T* sQ = sV + KB * D;      // S stages
+  T* sO = sQ + S * QC * D;  // dout, S stages
+  float* gbuf = reinterpret_cast<float*>(sO + S * QC * D);  // [2][NP][GF]
+  float* scratch = gbuf + 2 * NP * GF;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int64_t b = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
   const int64_t start = p.offsets[b];
   const int len = static_cast<int>(p.offsets[b + 1] - start);
-  const int k0 = static_cast<int>(blockIdx.y) * kRows;  // the first tiles have the most queries
+  const int k0 = static_cast<int>(blockIdx.y) * KB;  // the first tiles have the most queries
   if (k0 >= len) return;
-  float* wscratch = scratch + w * scratch_floats<T, QC / 8>();
+  const bool dv_warp = w < NP;
+  const int pair = dv_warp ? w : w - NP, r0 = pair * kPairKeys;  // the pair's first key row in the CTA
+  float* wscratch = scratch + w * scratch_floats<T, NT>();
   const T* gQ = static_cast<const T*>(X.q.ptr) + start * X.q.st + h * X.q.hs;
   const T* gK = static_cast<const T*>(X.k.ptr) + start * X.k.st + h * X.k.hs;
   const T* gV = static_cast<const T*>(X.v.ptr) + start * X.v.st + h * X.v.hs;
   const T* gO = static_cast<const T*>(X.dout.ptr) + start * X.dout.st + h * X.dout.hs;
-  load_tile<T, D, kRows>(sK, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
-  load_tile<T, D, kRows>(sV, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
-  const int first = k0 / QC, n_qt = (len + QC - 1) / QC;
-  auto load_q = [&](int qt) {
-    const int t0 = qt * QC, st = qt & 1;
-    load_tile<T, D, QC>(sQ + st * QC * D, gQ + t0 * X.q.st, X.q.st, len - t0, X.q.cols, X.q.ptr, tid);
-    load_tile<T, D, QC>(sO + st * QC * D, gO + t0 * X.dout.st, X.dout.st, len - t0, X.dout.cols, X.dout.ptr, tid);
-  };
-  load_q(first);
-  mma::cp_async_commit();
+  // Both ride in group 0 of the Q / dO ring, which starts at the diagonal tile (query k0).
+  load_tile<T, D, KB, NTH>(sK, gK + k0 * X.k.st, X.k.st, len - k0, X.k.cols, X.k.ptr, tid);
+  load_tile<T, D, KB, NTH>(sV, gV + k0 * X.v.st, X.v.st, len - k0, X.v.cols, X.v.ptr, tid);
+  const int n_qt = (len - k0 + QC - 1) / QC;
 
-  const float alpha = static_cast<float>(p.alpha), inv_n = 1.f / static_cast<float>(p.n);
-  const bool has_mask = p.mask.ptr != nullptr;
-  float dk[D / 8][4], dv[D / 8][4];
-  zero(dk);
-  zero(dv);
-  for (int qt = first; qt < n_qt; ++qt) {
-    if (qt + 1 < n_qt) {
-      load_q(qt + 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    __syncthreads();
-    const int st = qt & 1, t0 = qt * QC;
-    float s[QC / 8][4], dp[QC / 8][4];
-    zero(s);
-    zero(dp);
-    gemm_abt<T, D, QC / 8>(s, sK, w * 16, sQ + st * QC * D, 0, lane);
-    gemm_abt<T, D, QC / 8>(dp, sV, w * 16, sO + st * QC * D, 0, lane);
-    // Rows are keys j, columns queries t: causal where some t < some j of the warp.
-    const bool diag = t0 < k0 + w * 16 + 15;
+  const float ha = silu_ha<T>(static_cast<float>(p.alpha)), c = 1.f / static_cast<float>(p.n);
+  int64_t mrow[MT][2] = {};
+  if constexpr (MASK) {
 #pragma unroll
-    for (int c = 0; c < QC / 8; ++c) {
+    for (int mt = 0; mt < MT; ++mt) mask_rows<true>(mrow[mt], p, b, k0 + r0 + 16 * mt, lane);
+  }
+  // Tile it holds queries k0 + it QC ..; the pair's keys see it once its last query reaches them.
+  auto live = [&](int it) { return it * QC + QC - 1 >= r0; };
+  // g^T tile of (it, pair) in fragment order: float4 i = (mt, j) of lane at [i][lane], so each
+  // dK-warp thread reads back exactly what its dV-warp twin wrote (16-byte, conflict-free).
+  auto gtile = [&](int it) { return reinterpret_cast<float4*>(gbuf + ((it & 1) * NP + pair) * GF) + lane; };
+  float acc[MT][D / 8][4];  // dV (dV warps) or dK / (ha / n) (dK warps)
+  zero(acc);
+  // The dK warps carry dP^T of tile it to iteration it + 1; the dV warps keep their g^T in the
+  // same registers, so the two roles' live sets do not add up.
+  float dp[MT][NT][4];
+  // dK += (dP^T * g^T) Q of tile j (Q still resident: KEEP = 1).
+  auto dk_step = [&](int j) {
+    const float4* gt = gtile(j);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = alpha * s[c][e];
-        const float sg = mma::sigmoid_io<T>(x);
-        float m = inv_n;
-        if (diag || has_mask) {
-          const int j = k0 + w * 16 + frag_row(lane, e), t = t0 + frag_col(lane, c, e);
-          if (j > t || t >= len) m = 0.f;
-          else if (has_mask) m *= mask_at(p, b, t, j);
-        }
-        s[c][e] = x * sg * m;
-        dp[c][e] = alpha * dp[c][e] * m * sg * (1.f + x * (1.f - sg));
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const float4 g = gt[(mt * NT + n) * 32];
+        dp[mt][n][0] *= g.x;
+        dp[mt][n][1] *= g.y;
+        dp[mt][n][2] *= g.z;
+        dp[mt][n][3] *= g.w;
       }
     }
-    gemm_pb<T, D, QC / 8>(dv, s, sO + st * QC * D, 0, wscratch, lane);
-    gemm_pb<T, D, QC / 8>(dk, dp, sQ + st * QC * D, 0, wscratch, lane);
-    __syncthreads();
+    gemm_pb_mt<T, D, NT, MT>(acc, dp, sQ + (j % S) * QC * D, 0, wscratch, lane);
+  };
+  walk_kv_tiles<T, D, QC, S, NTH, 1>(sQ, sO, X.q, gQ + k0 * X.q.st, X.dout, gO + k0 * X.dout.st, len - k0, n_qt, tid,
+                                     [&](int it, const T* tQ, const T* tO) {
+    if (dv_warp) {
+      if (!live(it)) return;
+      float s[MT][NT][4];
+      zero(s);
+      gemm_abt_mt<T, D, NT, MT>(s, sK, r0, tQ, 0, lane);
+      // g^T without ha / n (applied to dK at the store, which also keeps fp16 dS clear of subnormals).
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dp[mt][n][e] = dsilu_w<T>(s[mt][n][e], ha, 1.f);
+            s[mt][n][e] = silu_w<T>(s[mt][n][e], ha, c);
+          }
+        }
+      }
+      // A mask, or some key of the pair after some query of the tile.
+      if (MASK || it * QC < r0 + kPairKeys - 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          causal_mask<MASK, true>(s[mt], p, mrow[mt], k0 + r0 + 16 * mt, k0 + it * QC, len, lane);
+          causal_mask<MASK, true>(dp[mt], p, mrow[mt], k0 + r0 + 16 * mt, k0 + it * QC, len, lane);
+        }
+      }
+      float4* gt = gtile(it);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          gt[(mt * NT + n) * 32] = make_float4(dp[mt][n][0], dp[mt][n][1], dp[mt][n][2], dp[mt][n][3]);
+        }
+      }
+      gemm_pb_mt<T, D, NT, MT>(acc, s, tO, 0, wscratch, lane);
+    } else {
+      if (it > 0 && live(it - 1)) dk_step(it - 1);
+      if (!live(it)) return;
+      zero(dp);
+      gemm_abt_mt<T, D, NT, MT>(dp, sV, r0, tO, 0, lane);
+    }
+  });
+  __syncthreads();  // publishes the last tile's g^T
+  if (!dv_warp && live(n_qt - 1)) dk_step(n_qt - 1);
+  const int nrows = len - k0, dv_cols = static_cast<int>(p.dim_v), dk_cols = static_cast<int>(p.dim_qk);
+  if (dv_warp) {
+    T* odv = static_cast<T*>(p.dv.ptr) + (start + k0) * p.dv.st + h * p.dim_v * p.dv.sc;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) store_frag<T, D>(acc[mt], odv, p.dv, r0 + 16 * mt, nrows, dv_cols, 1.f, lane);
+  } else {
+    T* odk = static_cast<T*>(p.dk.ptr) + (start + k0) * p.dk.st + h * p.dim_qk * p.dk.sc;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) store_frag<T, D>(acc[mt], odk, p.dk, r0 + 16 * mt, nrows, dk_cols, ha * c, lane);
   }
-  T* odk = static_cast<T*>(p.dk.ptr) + (start + k0) * p.dk.st + h * p.dim_qk * p.dk.sc;
-  T* odv = static_cast<T*>(p.dv.ptr) + (start + k0) * p.dv.st + h * p.dim_v * p.dv.sc;
-  store_frag<T, D>(dk, odk, p.dk, w * 16, len - k0, static_cast<int>(p.dim_qk), 1.f, lane);
-  store_frag<T, D>(dv, odv, p.dv, w * 16, len - k0, static_cast<int>(p.dim_v), 1.f, lane);
 }
 
 template <typename T, int D, bool MASK>
@@ -182,6 +249,15 @@ __global__ void __launch_bounds__(kQThreads<T>, kQMinCtas<T>) dense_dq_kernel(co
 }
 
 template <typename T, int D, bool MASK>
+void launch_dkdv(const HstuParams& p, const BwdOperands& X, unsigned bh, cudaStream_t stream) {
+  constexpr size_t smem = dkdv_smem<T, D>();
+  set_smem(dense_dkdv_kernel<T, D, MASK>, smem);
+  const int n_kt = static_cast<int>((p.max_len + kKvKeys<T> - 1) / kKvKeys<T>);
+  dense_dkdv_kernel<T, D, MASK><<<dim3(bh, n_kt), kKvThreads<T>, smem, stream>>>(p, X);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D, bool MASK>
 void launch_dq(const HstuParams& p, const BwdOperands& X, unsigned bh, cudaStream_t stream) {
   constexpr size_t smem = dq_smem<T, D>();
   set_smem(dense_dq_kernel<T, D, MASK>, smem);
@@ -210,20 +286,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(const at::Tensor& q
   X.v = make_operand(v, p.heads, p.dim_v, k3);
   X.dout = make_operand(dout, p.heads, p.dim_v, k4);
   const int D = padded_dim(std::max(p.dim_qk, p.dim_v));
+  // Both passes tile a sequence by at least kRows = 64 rows (the grid's y limit).
   const int n_tiles = static_cast<int>((p.max_len + kRows - 1) / kRows);
   TORCH_CHECK(n_tiles <= 65535, msg("sequences up to ", 65535 * kRows, " rows on CUDA, got ", p.max_len));
   if (n_tiles == 0) return {r.dq.zero_(), r.dk.zero_(), r.dv.zero_()};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), n_tiles);
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   dispatch_hstu(q.scalar_type(), D, [&](auto tv, auto dv) {
     using T = decltype(tv);
     constexpr int kD = decltype(dv)::value;
-    constexpr size_t s1 = dkdv_smem<T, kD>();
-    set_smem(dense_dkdv_kernel<T, kD>, s1);
-    dense_dkdv_kernel<T, kD><<<grid, kThreads, s1, stream>>>(p, X, n_tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (p.mask.ptr) launch_dq<T, kD, true>(p, X, grid.x, stream);
-    else launch_dq<T, kD, false>(p, X, grid.x, stream);
+    if (p.mask.ptr) {
+      launch_dkdv<T, kD, true>(p, X, bh, stream);
+      launch_dq<T, kD, true>(p, X, bh, stream);
+    } else {
+      launch_dkdv<T, kD, false>(p, X, bh, stream);
+      launch_dq<T, kD, false>(p, X, bh, stream);
+    }
   });
   return {r.dq, r.dk, r.dv};
 }

@@ -381,6 +381,11 @@ __device__ __forceinline__ void zero(float (&a)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
 }
+template <int M, int N>
+__device__ __forceinline__ void zero(float (&a)[M][N][4]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i) zero(a[i]);
+}
 
 // ---------------------------------------------------------------- dense query-tile kernels
 
@@ -406,17 +411,19 @@ template <typename T>
 constexpr int kQMinCtas = kTensorCores<T> ? 2 : 1;
 
 // Walks key tiles it = 0 .. n_kt - 1 (BN rows each; rows >= len zero-filled) of the heads at
-// gK, gV (row 0 of the sequence), calling body(it, K tile, V tile) with both tiles in shared
+// gK, gV (row 0 of the walk), calling body(it, K tile, V tile) with both tiles in shared
 // memory. S-stage ring at sK, sV (S x BN x D each), one barrier per tile: wait for tile it,
 // barrier (everyone's copies of it have landed and everyone is done with tile it - 1), then
-// refill it - 1's stage with tile it + S - 1. Each tile is one commit group, empty past the
-// last tile, so group i is always tile i and the wait count is a constant; copies the caller
-// issued before (its resident Q, dO) ride in group 0. Every thread of the CTA calls this (the
-// barriers); a warp with nothing to do on a tile just returns from body.
-template <typename T, int D, int BN, int S, int NTH, typename Body>
+// refill the stage of tile it - 1 - KEEP with tile it + S - 1 - KEEP. KEEP = 1 keeps tile it - 1
+// resident during body(it) (the dk/dv pass's dK trails its tiles by one). Each tile is one
+// commit group, empty past the last tile, so group i is always tile i and the wait count is a
+// constant; copies the caller issued before (its resident tiles) ride in group 0. Every thread
+// of the CTA calls this (the barriers); a warp with nothing to do on a tile just returns from body.
+template <typename T, int D, int BN, int S, int NTH, int KEEP = 0, typename Body>
 __device__ __forceinline__ void walk_kv_tiles(T* sK, T* sV, const Operand& K, const T* gK, const Operand& V,
                                               const T* gV, int len, int n_kt, int tid, Body&& body) {
-  static_assert(S >= 2, "at least double buffering");
+  constexpr int P = S - 1 - KEEP;  // tiles in flight ahead of the one in use
+  static_assert(P >= 1, "at least one tile in flight");
   auto load_kv = [&](int it, int st) {
     if (it < n_kt) {
       const int k0 = it * BN;
@@ -426,14 +433,14 @@ __device__ __forceinline__ void walk_kv_tiles(T* sK, T* sV, const Operand& K, co
     mma::cp_async_commit();
   };
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) load_kv(i, i);
+  for (int i = 0; i < P; ++i) load_kv(i, i);
 #pragma unroll 1
   for (int it = 0; it < n_kt; ++it) {
-    mma::cp_async_wait<S - 2>();  // this thread's copies of tile it (and group 0's extras) have landed
+    mma::cp_async_wait<P - 1>();  // this thread's copies of tile it (and group 0's extras) have landed
     __syncthreads();
     // Stages from the counter (no second loop-carried register: the d 128 kernels have none to spare).
     const int st = static_cast<int>(static_cast<unsigned>(it) % S);
-    load_kv(it + S - 1, st == 0 ? S - 1 : st - 1);
+    load_kv(it + P, st >= S - P ? st + P - S : st + P);
     body(it, static_cast<const T*>(sK + st * BN * D), static_cast<const T*>(sV + st * BN * D));
   }
 }
@@ -472,26 +479,31 @@ __device__ __forceinline__ float dsilu_w(float s, float ha, float cd) {
 }
 
 // attn_mask offsets of this thread's two fragment rows (frag_row 0 and 8) of the warp whose
-// first query is t0 (columns added per element); sequence b.
-__device__ __forceinline__ void mask_rows(int64_t (&mrow)[2], const HstuParams& p, int64_t b, int t0, int lane) {
-  const int64_t mb = p.mask_batch == 1 ? 0 : b;
-  mrow[0] = mb * p.mask.s0 + int64_t(t0 + frag_row(lane, 0)) * p.mask.s1;
-  mrow[1] = mrow[0] + 8 * p.mask.s1;
+// first row is r0 (columns added per element); sequence b. Rows are queries, or keys when
+// KEY_ROWS (the dk/dv pass's transposed scores).
+template <bool KEY_ROWS = false>
+__device__ __forceinline__ void mask_rows(int64_t (&mrow)[2], const HstuParams& p, int64_t b, int r0, int lane) {
+  const int64_t mb = p.mask_batch == 1 ? 0 : b, rs = KEY_ROWS ? p.mask.s2 : p.mask.s1;
+  mrow[0] = mb * p.mask.s0 + int64_t(r0 + frag_row(lane, 0)) * rs;
+  mrow[1] = mrow[0] + 8 * rs;
 }
 
-// The causal / length / attn_mask factor of a warp's score fragments: x[j][e] (query t = t0 +
-// frag_row, key kj = k0 + frag_col) becomes 0 where kj > t or t >= len (no mask load there:
-// rows past the sequence may be past the mask), else x * attn_mask(t, kj) when MASK.
-template <bool MASK, int NT>
-__device__ __forceinline__ void causal_mask(float (&x)[NT][4], const HstuParams& p, const int64_t (&mrow)[2], int t0,
-                                            int k0, int len, int lane) {
+// The causal / length / attn_mask factor of a warp's score fragments: x[j][e] at row r0 +
+// frag_row, column c0 + frag_col, i.e. query t and key kj (rows queries; KEY_ROWS: rows keys),
+// becomes 0 where kj > t or t >= len (no mask load there: rows past the sequence may be past the
+// mask), else x * attn_mask(t, kj) when MASK.
+template <bool MASK, bool KEY_ROWS = false, int NT>
+__device__ __forceinline__ void causal_mask(float (&x)[NT][4], const HstuParams& p, const int64_t (&mrow)[2], int r0,
+                                            int c0, int len, int lane) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int t = t0 + frag_row(lane, e), kj = k0 + frag_col(lane, j, e);
+      const int r = r0 + frag_row(lane, e), c = c0 + frag_col(lane, j, e);
+      const int t = KEY_ROWS ? c : r, kj = KEY_ROWS ? r : c;
       if (kj > t || t >= len) x[j][e] = 0.f;
-      else if constexpr (MASK) x[j][e] *= load_as<float>(p.mask.ptr, p.mask_dtype, mrow[e >> 1] + kj * p.mask.s2);
+      else if constexpr (MASK)
+        x[j][e] *= load_as<float>(p.mask.ptr, p.mask_dtype, mrow[e >> 1] + (KEY_ROWS ? t * p.mask.s1 : kj * p.mask.s2));
     }
   }
 }

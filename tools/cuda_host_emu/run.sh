@@ -12,3 +12,4 @@ fi
 HEMU_SO=$so python3 "$here/check_issm.py"
 HEMU_SO=$so python3 "$here/check_norm.py"
 HEMU_SO=$so python3 "$here/check_scan.py"
+HEMU_SO=$so python3 "$here/check_hstu.py"

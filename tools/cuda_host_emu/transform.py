@@ -11,14 +11,14 @@ base = os.path.basename(sys.argv[1])
 # must not reach abort (emu::unsupported).
 HOST_BODIES = {
     "mma.cuh": {
-        "smem_u32": "return uint32_t(reinterpret_cast<uintptr_t>(p));",
+        "smem_u32": "return emu::smem_u32(p);",
         "cp_async16": "emu::cp_async16(smem, gmem, valid);",
         "cp_async_commit": "emu::cp_async_commit();",
         "cp_async_wait": "emu::cp_async_wait(N);",
-        "ldmatrix_x4": 'emu::unsupported("ldmatrix");',
-        "ldmatrix_x4_trans": 'emu::unsupported("ldmatrix.trans");',
-        "mma16816": 'emu::unsupported("mma.sync");',
-        "pack2": 'emu::unsupported("pack2");',
+        "ldmatrix_x4": "emu::ldmatrix(r, saddr, false);",
+        "ldmatrix_x4_trans": "emu::ldmatrix(r, saddr, true);",
+        "mma16816": "emu::mma16816(c, a, b0, b1, std::is_same_v<T, c10::BFloat16>);",
+        "pack2": "return emu::pack2(lo, hi, std::is_same_v<T, c10::BFloat16>);",
         "tanh_approx": "return std::tanh(x);",
     },
     "issm_cuda.cuh": {

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #define __global__
 #define __device__
@@ -33,12 +34,20 @@ struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
 typedef void* cudaStream_t;
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaFuncAttributeMaxDynamicSharedMemorySize = 8, cudaDevAttrMultiProcessorCount = 16 };
+enum { cudaSuccess = 0, cudaFuncAttributeMaxDynamicSharedMemorySize = 8, cudaDevAttrMultiProcessorCount = 16,
+       cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 extern thread_local dim3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 namespace emu {
 void* dyn_smem();
+// Shared-window addresses (offsets from the 1024-aligned dynamic shared memory) and the warp
+// collectives on them: ldmatrix.x4 (.trans), mma.sync m16n8k16 (fp16 / bf16, fp32 accumulate).
+uint32_t smem_u32(const void* p);
+void ldmatrix(uint32_t* r, uint32_t addr, bool trans);
+void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, bool bf16);
+uint32_t pack2(float lo, float hi, bool bf16);
 void syncthreads();
+void syncwarp();
 float shfl_xor(float v, int m);
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 // The device the launchers see: emu::sms() SMs (default 1) with room for one CTA each, so
@@ -71,8 +80,9 @@ template <class F> inline cudaError_t cudaFuncSetAttribute(F, int attr, int v) {
 }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, int attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) emu::unsupported("cudaDeviceGetAttribute: attribute");
-  *v = emu::sms();
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = 227 * 1024;  // the H100's
+  else if (attr == cudaDevAttrMultiProcessorCount) *v = emu::sms();
+  else emu::unsupported("cudaDeviceGetAttribute: attribute");
   return 0;
 }
 template <class F> inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int, size_t) { *n = 1; return 0; }
@@ -84,7 +94,12 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 template <class T> inline T __ldcg(const T* p) { return *p; }
 template <class T> inline void __stcg(T* p, T v) { *p = v; }
 inline void __syncthreads() { emu::syncthreads(); }
-inline void __syncwarp(unsigned = 0xffffffffu) {}
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }  // full warps only
 inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
+// CUDA's integer min / max overloads (mixed operands as the usual conversions give them).
+template <class A, class B> inline std::common_type_t<A, B> min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
+inline int __ffs(int v) { return v ? std::countr_zero(unsigned(v)) + 1 : 0; }
 inline float __expf(float v) { return std::exp(v); }
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
