@@ -49,58 +49,192 @@ struct BwdBufs {
   int64_t ntb;
 };
 
-// Step 2. Tiling as chunk_kernel (NPT up to 8); the chunk's blocks go through the same staging
-// pipeline, last block first.
-template <typename T, int NPT>
-__global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
-  constexpr int NT = 32 * NPT;
-  __shared__ Stage<NT> st;
-  __shared__ float sA[NT], sbias[NT];
+// Four consecutive elements from src (stride s between them; the first nv valid, the rest read as 0) as
+// fp32. kVec: one 4-element access (the launcher checked unit stride and alignment, and that nv >= 4 or <= 0).
+template <typename T, bool kVec>
+__device__ __forceinline__ void load4(const T* src, int64_t s, int nv, float (&v)[4]) {
+  if constexpr (kVec) {
+    if (nv > 0) {
+      load_vec<T, 4>(src, v);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = e < nv ? float(src[e * s]) : 0.f;
+  }
+}
+
+// The first nv of four values to contiguous dst.
+template <typename T, bool kVec>
+__device__ __forceinline__ void store4(T* dst, int nv, const float (&v)[4]) {
+  if constexpr (kVec) {
+    if (nv > 0) store_vec<T, 4>(dst, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (e < nv) dst[e] = T(v[e]);
+  }
+}
+
+// A or dt_bias at (h, n .. n + 3) as fp32 (0 past nv): one 16-byte load when `fast` (fp32, unit stride along
+// n, 16-byte aligned rows, nv >= 4 or <= 0), else per element in its dtype.
+__device__ __forceinline__ void param4(const void* ptr, Dtype dtype, const View4& v, bool fast, int h, int n, int nv,
+                                       float (&out)[4]) {
+  if (fast && nv >= 4) {
+    const float4 q = *reinterpret_cast<const float4*>(static_cast<const float*>(ptr) + v.at(h, n));
+    out[0] = q.x, out[1] = q.y, out[2] = q.z, out[3] = q.w;
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = e < nv ? load_as<float>(ptr, dtype, v.at(h, n + e)) : 0.f;
+}
+
+// Step 2. The adjoint of the state entering a chunk from the chunk's own outputs. With L_t[n] the product
+// of dec over the chunk's steps up to t (0 from a segment start or seq_idx reset on: the entering state
+// does not pass it),
+//   adj[p, n] = sum_t L_t[n] (C_t[n] gy_t[p] + dfinal_i[p, n] if t ends segment i),
+// the reverse walk dS := dec (dS + C gy^T) from 0, summed forward instead: a (P x steps) (steps x N)
+// product, one FFMA per (t, p, n) with no chain through the steps' decays.
+// CTA = (row, h, chunk, p-tile, n-tile of NT = 32 NPT <= 128 states), thread = kPPT p x NPT n (Tile<NPT>).
+// The chunk in stages of kAS steps: (1) all threads: dec (0 at starts / resets) and C per (t, n), loaded
+// 4 n at a time (one vector access when the strides allow), and gy per (t, p), into shared memory, kAB
+// groups of loads in flight per thread; (2) thread per n: L_t (carried across stages) and w_t = L_t C_t
+// in place; (3) per step adj += w_t gy_t^T; the dfinal terms of the stage's segment ends after it.
+constexpr int kAS = 32;  // steps per stage
+constexpr int kAB = 4;   // loads batched per thread
+static_assert(kAS == kAB * 32 / kPPT, "gy of a stage: kAB elements per thread (a CTA has 32 / kPPT threads per p)");
+
+template <int NT>
+struct alignas(16) AdjStage {
+  float dec[kAS][NT];  // dec, then L
+  float w[kAS][NT];    // C, then L C
+  float gy[kAS][kMaxPC];
+};
+
+template <typename T, int NPT, bool kVec>
+__global__ SSM_EXT_MAXNREG(72) void adj_local_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
+  constexpr int NT = 32 * NPT, NQ = NT / 4;
+  __shared__ AdjStage<NT> st;
+  __shared__ float sA[NT], sbias[NT], sL[NT];
   __shared__ int ev_start[kBwdChunk], ev_end[kBwdChunk];
   const Tile<NPT> u = make_tile<NPT>(p, tl);
-  const int64_t nb = (u.c1 - u.c0 + kTS - 1) / kTS;
-  Raw<T, 4> r;
-  prefetch_block<T, NPT, 4, kGy>(p, r, bb.gy, u, u.c0 + (nb - 1) * kTS);
   load_cta_constants<NPT>(p, tl, u, sA, sbias, ev_start, ev_end);
-  float dS[kPPT][NPT];
+  for (int j = threadIdx.x; j < NT; j += blockDim.x) sL[j] = 1.f;
+  const int N = static_cast<int>(p.dstate), P = static_cast<int>(p.headdim), HP = static_cast<int>(p.nheads) * P;
+  const T* dt0 = static_cast<const T*>(p.dt.ptr) + p.dt.at(u.a.row, u.c0, u.a.h, u.nlo);
+  const T* C0 = static_cast<const T*>(p.C.ptr) + p.C.at(u.a.row, u.c0, u.g, u.nlo);
+  const float* gy0 = bb.gy + gy_index(p, u.a.row, u.c0, u.a.h, u.plo);
+  const int gts = threadIdx.x / u.PC, gpc = threadIdx.x % u.PC;  // gy elements: steps gts + 8 k, p plo + gpc
+  const bool has_df = p.dfinal_states.ptr != nullptr;
+  float acc[kPPT][NPT];
 #pragma unroll
   for (int j = 0; j < kPPT; ++j)
 #pragma unroll
-    for (int jn = 0; jn < NPT; ++jn) dS[j][jn] = 0.f;
-  for (int64_t ib = nb - 1; ib >= 0; --ib) {
-    const int64_t t0 = u.c0 + ib * kTS;
-    __syncthreads();  // the previous block's reads of st are done (first: sA, sbias, events written)
-    commit_block<T, NPT, 4, kGy>(p, r, st, sA, sbias, u, t0);
+    for (int jn = 0; jn < NPT; ++jn) acc[j][jn] = 0.f;
+  for (int s0 = 0; s0 < u.c1 - u.c0; s0 += kAS) {
+    const int rem = u.c1 - u.c0 - s0, ns = rem < kAS ? rem : kAS;  // the stage's steps inside the chunk
+    __syncthreads();  // the constants are written; the previous stage's reads are done
+    {
+      float g[kAB];
+#pragma unroll
+      for (int k = 0; k < kAB; ++k) {
+        const int ts = gts + k * (32 / kPPT);
+        g[k] = ts < ns && u.plo + gpc < P ? gy0[int64_t(s0 + ts) * HP + gpc] : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kAB; ++k) st.gy[gts + k * (32 / kPPT)][gpc] = g[k];
+    }
+    auto dec_of = [&](int ts, int j, float dtv) {
+      return ev_start[s0 + ts] != -2 ? 0.f : __expf(delta_of(p, dtv + sbias[j], nullptr) * sA[j]);
+    };
+    if constexpr (kVec) {
+      for (int i0 = threadIdx.x; i0 < kAS * NQ; i0 += kAB * blockDim.x) {
+        float d[kAB][4], c[kAB][4];
+#pragma unroll
+        for (int k = 0; k < kAB; ++k) {
+          const int i = i0 + k * blockDim.x, ts = i / NQ, jq = 4 * (i % NQ);
+          const int nv = i < kAS * NQ && ts < ns ? N - u.nlo - jq : 0;
+          const int64_t t = s0 + ts;
+          load4<T, true>(dt0 + t * p.dt.s1 + jq, 1, nv, d[k]);
+          load4<T, true>(C0 + t * p.C.s1 + jq, 1, nv, c[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < kAB; ++k) {
+          const int i = i0 + k * blockDim.x, ts = i / NQ, jq = 4 * (i % NQ);
+          if (i >= kAS * NQ) break;
+          float dec[4] = {1.f, 1.f, 1.f, 1.f};  // outside the chunk or the states: no contribution
+          if (ts < ns && u.nlo + jq < N) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dec[e] = dec_of(ts, jq + e, d[k][e]);
+          }
+          *reinterpret_cast<float4*>(&st.dec[ts][jq]) = make_float4(dec[0], dec[1], dec[2], dec[3]);
+          *reinterpret_cast<float4*>(&st.w[ts][jq]) = make_float4(c[k][0], c[k][1], c[k][2], c[k][3]);
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < kAS * NT; i += blockDim.x) {
+        const int ts = i / NT, j = i % NT;
+        const bool in = ts < ns && u.nlo + j < N;
+        const int64_t t = s0 + ts;
+        st.dec[ts][j] = in ? dec_of(ts, j, float(dt0[t * p.dt.s1 + j * p.dt.s3])) : 1.f;
+        st.w[ts][j] = in ? float(C0[t * p.C.s1 + j * p.C.s3]) : 0.f;
+      }
+    }
     __syncthreads();
-    if (ib > 0) prefetch_block<T, NPT, 4, kGy>(p, r, bb.gy, u, t0 - kTS);
-#pragma unroll 1
-    for (int ts = kTS - 1; ts >= 0; --ts) {
-      const int end = ev_end[t0 - u.c0 + ts];
-      if (end >= 0 && p.dfinal_states.ptr) {
-        const float* df = static_cast<const float*>(p.dfinal_states.ptr);
+    for (int j = threadIdx.x; j < NT; j += blockDim.x) {
+      float Lc = sL[j];
+#pragma unroll 8
+      for (int ts = 0; ts < kAS; ++ts) {
+        Lc *= st.dec[ts][j];
+        st.dec[ts][j] = Lc;
+        st.w[ts][j] *= Lc;
+      }
+      sL[j] = Lc;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int ts = 0; ts < kAS; ++ts) {  // steps past the chunk have w = 0, gy = 0
+      float w[NPT];
+      lds<NPT>(&st.w[ts][u.lane * NPT], w);
+      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][u.warp * kPPT]);
+      const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
+#pragma unroll
+      for (int j = 0; j < kPPT; ++j)
+#pragma unroll
+        for (int jn = 0; jn < NPT; ++jn) acc[j][jn] = fmaf(w[jn], gv[j], acc[j][jn]);
+    }
+    if (has_df) {
+      for (int ts = 0; ts < ns; ++ts) {
+        const int end = ev_end[s0 + ts];
+        if (end < 0) continue;
+        float Lt[NPT];
+        lds<NPT>(&st.dec[ts][u.lane * NPT], Lt);
+        // contiguous fp32 (nseq, H, P, N) here (bwd_cuda)
+        const float* df = static_cast<const float*>(p.dfinal_states.ptr) + (int64_t(end) * p.nheads + u.a.h) * P * N;
 #pragma unroll
         for (int j = 0; j < kPPT; ++j)
 #pragma unroll
           for (int jn = 0; jn < NPT; ++jn)
-            if (u.pin[j] && u.nin[jn]) dS[j][jn] += df[p.dfinal_states.at(end, u.a.h, u.pw + j, u.nl + jn)];
+            if (u.pin[j] && u.nin[jn]) acc[j][jn] = fmaf(Lt[jn], df[int64_t(u.pw + j) * N + u.nl + jn], acc[j][jn]);
       }
-      float dec[NPT], c[NPT];
-      lds<NPT>(&st.dec[ts][u.lane * NPT], dec);
-      lds<NPT>(&st.C[ts][u.lane * NPT], c);
-      const float4 gq = *reinterpret_cast<const float4*>(&st.gy[ts][u.warp * kPPT]);
-      const float gv[kPPT] = {gq.x, gq.y, gq.z, gq.w};
-      const bool cut = ev_start[t0 - u.c0 + ts] != -2;
-#pragma unroll
-      for (int j = 0; j < kPPT; ++j)
-#pragma unroll
-        for (int jn = 0; jn < NPT; ++jn) dS[j][jn] = cut ? 0.f : dec[jn] * fmaf(c[jn], gv[j], dS[j][jn]);
     }
   }
 #pragma unroll
-  for (int j = 0; j < kPPT; ++j)
+  for (int j = 0; j < kPPT; ++j) {
+    if (!u.pin[j]) continue;
+    float* dst = bb.adj + state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, u.nl);
+    if constexpr (NPT == 4) {
+      if (N % 4 == 0 && u.nin[0]) {
+        *reinterpret_cast<float4*>(dst) = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+        continue;
+      }
+    }
 #pragma unroll
     for (int jn = 0; jn < NPT; ++jn)
-      if (u.pin[j] && u.nin[jn]) bb.adj[state_index(p, tl, u.a.row, u.a.c, u.a.h, u.pw + j, u.nl + jn)] = dS[j][jn];
+      if (u.nin[jn]) dst[jn] = acc[j][jn];
+  }
 }
 
 // Step 4. 2-D lane layout. CTA = (row, h, chunk, p-tile, 32-state n-tile) with W warps; warp w owns
@@ -486,81 +620,148 @@ __global__ SSM_EXT_MAXNREG(128) void bwd_chunk_kernel(IssmParams p, Tiling tl, B
   }
 }
 
-template <typename T>
-__global__ __launch_bounds__(128) void finish_n_kernel(IssmParams p, Tiling tl, BwdBufs bb, int64_t nnb) {
-  int64_t idx = blockIdx.x;
-  const int64_t nb = idx % nnb;
+// The finishing kernels' lane layout: lane = 4 sl + q handles steps t0 + sl and t0 + sl + 8 of a block of
+// kTB steps and the 4 consecutive elements from 4 q of its warp's 16; a warp covers 16 elements x kTB steps.
+// A sum over the block's steps is the thread's two steps, then its 8 step lanes (lane bits 4..2) by a
+// reduce-scatter, a fixed tree.
+static_assert(kTB == 16, "finishing kernels: 8 step lanes x 2 steps per block");
+
+// Step 5a. CTA = (row, block tb, group g, kFinN states from n0); warp w: the states n0 + 16 w ... For each
+// head of the group, in order: ddt per (t, n); dB = sum_h delta dk and dC = sum_h dC in registers; the dA
+// and ddt_bias partials of the block per (h, n), after whose reduce-scatter lane (sl, q) holds value sl of
+// {dA of its 4 n, ddt_bias of its 4 n}. A head's loads (nred, dt: two steps of 4 n) all precede its
+// stores, so they are in flight together; vec: dt and B allow 4-element accesses (and N % 4 == 0).
+constexpr int kFinWarps = 8;
+constexpr int kFinN = kFinWarps * 16;
+template <typename T, bool kVec>
+__global__ __launch_bounds__(kFinWarps * 32, 2) void finish_n_kernel(IssmParams p, Tiling tl, BwdBufs bb, int nnb) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sl = lane >> 2;
+  int idx = blockIdx.x;
+  const int nb = idx % nnb;
   idx /= nnb;
-  const int64_t g = idx % p.ngroups;
-  idx /= p.ngroups;
-  const int64_t tb = idx % bb.ntb, row = idx / bb.ntb;
-  const int64_t n = nb * 128 + threadIdx.x, N = p.dstate, H = p.nheads;
-  if (n >= N) return;
-  const int64_t t0 = tb * kTB;
-  const int64_t per_q = tl.ntp * tl.nrows * p.seqlen * H * N;
-  float accB[kTB], accC[kTB];
+  const int g = idx % static_cast<int>(p.ngroups);
+  idx /= static_cast<int>(p.ngroups);
+  const int tb = idx % static_cast<int>(bb.ntb), row = idx / static_cast<int>(bb.ntb);
+  const int N = static_cast<int>(p.dstate), H = static_cast<int>(p.nheads), L = static_cast<int>(p.seqlen);
+  const int nw = nb * kFinN + warp * 16, n = nw + 4 * (lane & 3);
+  if (nw >= N) return;  // the whole warp (no shuffles wait for it)
+  const int64_t per_q = int64_t(tl.ntp) * tl.nrows * L * H * N;
+  int t[2], nv[2];
+  float Bv[2][4], accB[2][4], accC[2][4];
 #pragma unroll
-  for (int i = 0; i < kTB; ++i) accB[i] = accC[i] = 0.f;
-  for (int64_t h = g * p.heads_per_group; h < (g + 1) * p.heads_per_group; ++h) {
-    const float A = load_as<float>(p.A.ptr, p.A_dtype, p.A.at(h, n));
-    float dAp = 0.f, dbp = 0.f;
+  for (int s = 0; s < 2; ++s) {
+    t[s] = tb * kTB + sl + 8 * s;
+    nv[s] = t[s] < L ? N - n : 0;
+    load4<T, kVec>(static_cast<const T*>(p.B.ptr) + p.B.at(row, t[s], g, n), p.B.s3, nv[s], Bv[s]);
 #pragma unroll
-    for (int i = 0; i < kTB; ++i) {
-      const int64_t t = t0 + i;
-      if (t >= p.seqlen) break;
-      float dk = 0.f, dl = 0.f, dc = 0.f;
-      for (int tp = 0; tp < tl.ntp; ++tp) {
-        const int64_t o = (((tp * tl.nrows + row) * p.seqlen + t) * H + h) * N + n;
-        dk += bb.nred[o];
-        dl += bb.nred[per_q + o];
-        dc += bb.nred[2 * per_q + o];
+    for (int e = 0; e < 4; ++e) accB[s][e] = accC[s][e] = 0.f;
+  }
+  float* const part = bb.parts + (int64_t(row) * bb.ntb + tb) * bb.ncols + (sl >> 2) * H * N + n + (sl & 3);
+  auto fast4 = [&](const void* ptr, Dtype d, const View4& v) {
+    return kVec && d == Dtype::f32 && v.s1 == 1 && v.s0 % 4 == 0 && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+  };
+  const bool fastA = fast4(p.A.ptr, p.A_dtype, p.A), fastb = fast4(p.dt_bias.ptr, p.dt_bias_dtype, p.dt_bias);
+  const int hpg = static_cast<int>(p.heads_per_group);
+  for (int h = g * hpg; h < (g + 1) * hpg; ++h) {
+    float A[4], bias[4] = {0.f, 0.f, 0.f, 0.f}, dk[2][4], dl[2][4], dc[2][4], dtv[2][4];
+    param4(p.A.ptr, p.A_dtype, p.A, fastA, h, n, N - n, A);
+    if (p.dt_bias.ptr) param4(p.dt_bias.ptr, p.dt_bias_dtype, p.dt_bias, fastb, h, n, N - n, bias);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      load4<T, kVec>(static_cast<const T*>(p.dt.ptr) + p.dt.at(row, t[s], h, n), p.dt.s3, nv[s], dtv[s]);
+      const float* src = bb.nred + ((int64_t(row) * L + t[s]) * H + h) * N + n;  // p-tile 0
+      load4<float, kVec>(src, 1, nv[s], dk[s]);
+      load4<float, kVec>(src + per_q, 1, nv[s], dl[s]);
+      load4<float, kVec>(src + 2 * per_q, 1, nv[s], dc[s]);
+      for (int tp = 1; tp < tl.ntp; ++tp) {  // P > kMaxPC: the other p-tiles' partials, in order
+        const float* sp = src + int64_t(tp) * tl.nrows * L * H * N;
+        float a[4], b[4], c[4];
+        load4<float, kVec>(sp, 1, nv[s], a);
+        load4<float, kVec>(sp + per_q, 1, nv[s], b);
+        load4<float, kVec>(sp + 2 * per_q, 1, nv[s], c);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[s][e] += a[e], dl[s][e] += b[e], dc[s][e] += c[e];
       }
-      float mask;
-      const float delta = delta_of(p, dt_at<T>(p, row, t, h, n), &mask);
-      const float Bv = float(static_cast<const T*>(p.B.ptr)[p.B.at(row, t, g, n)]);
-      const float ddt = (dk * Bv + dl * A) * mask;
-      static_cast<T*>(p.ddt.ptr)[p.ddt.at(row, t, h, n)] = T(ddt);
-      dAp += dl * delta;
-      dbp += ddt;
-      accB[i] += dk * delta;
-      accC[i] += dc;
     }
-    float* part = bb.parts + (row * bb.ntb + tb) * bb.ncols + h * N + n;
-    part[0] = dAp;
-    part[H * N] = dbp;
+    float v[8];  // dA, ddt_bias partials of the 4 n
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      float ddt[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float mask;
+        const float delta = delta_of(p, dtv[s][e] + bias[e], &mask);
+        ddt[e] = (dk[s][e] * Bv[s][e] + dl[s][e] * A[e]) * mask;
+        v[e] += dl[s][e] * delta;
+        v[4 + e] += ddt[e];
+        accB[s][e] += dk[s][e] * delta;
+        accC[s][e] += dc[s][e];
+      }
+      store4<T, kVec>(static_cast<T*>(p.ddt.ptr) + p.ddt.at(row, t[s], h, n), nv[s], ddt);
+    }
+    reduce_scatter_level<4, 16>(v, lane);
+    if ((sl & 3) < N - n) part[h * N] = v[0];
   }
 #pragma unroll
-  for (int i = 0; i < kTB; ++i) {
-    const int64_t t = t0 + i;
-    if (t >= p.seqlen) break;
-    static_cast<T*>(p.dB.ptr)[p.dB.at(row, t, g, n)] = T(accB[i]);
-    static_cast<T*>(p.dC.ptr)[p.dC.at(row, t, g, n)] = T(accC[i]);
+  for (int s = 0; s < 2; ++s) {
+    store4<T, kVec>(static_cast<T*>(p.dB.ptr) + p.dB.at(row, t[s], g, n), nv[s], accB[s]);
+    store4<T, kVec>(static_cast<T*>(p.dC.ptr) + p.dC.at(row, t[s], g, n), nv[s], accC[s]);
   }
 }
 
-// Step 5b. CTA per (row, block of kTB steps); thread per (h, p).
-template <typename T>
-__global__ __launch_bounds__(256) void finish_p_kernel(IssmParams p, Tiling tl, BwdBufs bb) {
-  const int64_t tb = blockIdx.x % bb.ntb, row = blockIdx.x / bb.ntb;
-  const int64_t H = p.nheads, P = p.headdim, HP = H * P;
-  const int64_t per_tile = tl.nrows * p.seqlen * HP;
-  for (int64_t e = threadIdx.x; e < HP; e += blockDim.x) {
-    const int64_t h = e / P, pp = e % P;
-    const float D = p.D.ptr ? load_as<float>(p.D.ptr, p.D_dtype, p.D.at(h, pp)) : 0.f;
-    float dDp = 0.f;
-    for (int i = 0; i < kTB; ++i) {
-      const int64_t t = tb * kTB + i;
-      if (t >= p.seqlen) break;
-      const int64_t o = (row * p.seqlen + t) * HP + e;
-      const float gy = bb.gy[o];
-      float dx = 0.f;
-      for (int tn = 0; tn < tl.ntn; ++tn) dx += bb.dxpart[tn * per_tile + o];
-      dx = fmaf(D, gy, dx);
-      static_cast<T*>(p.dx.ptr)[p.dx.at(row, t, h, pp)] = T(dx);
-      dDp = fmaf(gy, float(static_cast<const T*>(p.x.ptr)[p.x.at(row, t, h, pp)]), dDp);
+// Step 5b. CTA = (row, block tb, kFinPE elements of the flat (h, p) index from e0), the same lane layout:
+// dx = the n-tile partials summed in order + D gy; the dD partials of the block after a reduce-scatter over
+// lane bits 4, 3 and a last exchange over bit 2. vec: x is contiguous over (h, p) with 4-element accesses
+// (and H P % 4 == 0).
+constexpr int kFinPWarps = 4;
+constexpr int kFinPE = kFinPWarps * 16;
+template <typename T, bool kVec>
+__global__ __launch_bounds__(kFinPWarps * 32) void finish_p_kernel(IssmParams p, Tiling tl, BwdBufs bb, int neb) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sl = lane >> 2;
+  const int eb = blockIdx.x % neb, rt = blockIdx.x / neb;
+  const int tb = rt % static_cast<int>(bb.ntb), row = rt / static_cast<int>(bb.ntb);
+  const int P = static_cast<int>(p.headdim), HP = static_cast<int>(p.nheads) * P, L = static_cast<int>(p.seqlen);
+  const int ew = eb * kFinPE + warp * 16, e0 = ew + 4 * (lane & 3);
+  if (ew >= HP) return;  // the whole warp
+  const int64_t per_tile = int64_t(tl.nrows) * L * HP;
+  float D[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) D[e] = e < HP - e0 ? D_at(p, (e0 + e) / P, (e0 + e) % P) : 0.f;
+  float dD[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int t = tb * kTB + sl + 8 * s, nv = t < L ? HP - e0 : 0;
+    const int64_t o = (int64_t(row) * L + t) * HP + e0;
+    float gy[4], dx[4], xv[4];
+    load4<float, kVec>(bb.gy + o, 1, nv, gy);
+    load4<float, kVec>(bb.dxpart + o, 1, nv, dx);
+    if constexpr (kVec) {
+      load4<T, true>(static_cast<const T*>(p.x.ptr) + p.x.at(row, t, 0, e0), 1, nv, xv);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        xv[e] = e < nv ? float(static_cast<const T*>(p.x.ptr)[p.x.at(row, t, (e0 + e) / P, (e0 + e) % P)]) : 0.f;
     }
-    bb.parts[(row * bb.ntb + tb) * bb.ncols + 2 * H * p.dstate + e] = dDp;
+#pragma unroll 4
+    for (int tn = 1; tn < tl.ntn; ++tn) {
+      float a[4];
+      load4<float, kVec>(bb.dxpart + tn * per_tile + o, 1, nv, a);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dx[e] += a[e];
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dx[e] = fmaf(D[e], gy[e], dx[e]);
+      dD[e] = fmaf(gy[e], xv[e], dD[e]);
+    }
+    store4<T, kVec>(static_cast<T*>(p.dx.ptr) + p.dx.at(row, t, 0, e0), nv, dx);
   }
+  reduce_scatter_level<2, 16>(dD, lane);  // lane: value sl / 2, summed over lane bits 4, 3
+  const float sum = dD[0] + __shfl_xor_sync(0xffffffffu, dD[0], 4);
+  if ((sl & 1) == 0 && (sl >> 1) < HP - e0)
+    bb.parts[(int64_t(row) * bb.ntb + tb) * bb.ncols + 2 * p.nheads * p.dstate + e0 + (sl >> 1)] = sum;
 }
 
 // Step 5c. sums[col] = the partials of column col summed over the nparts rows in a fixed order (the
@@ -633,6 +834,18 @@ __global__ __launch_bounds__(256) void params_kernel(IssmParams p, BwdBufs bb) {
   }
 }
 
+// Whether 4 consecutive elements along the last dim, from any multiple of 4, are one aligned access.
+inline bool quad_ok(const View4& v, size_t elem) {
+  return v.s3 == 1 && v.s0 % 4 == 0 && v.s1 % 4 == 0 && v.s2 % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(v.ptr) % (4 * elem) == 0;
+}
+
+template <typename F>
+void bool_switch(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 template <typename T>
 void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stream) {
   const Tiling tf = make_tiling(p, kBwdChunk, 8);  // forward-like kernels
@@ -668,10 +881,20 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
 
   if (tf.ctas() > 0) {
     run_forward<T, kOutBwd>(p, tf, fb, like, stream);  // 1.
-    const unsigned threads = static_cast<unsigned>(tf.warps * 32);
-    npt_switch(tf.npt, [&](auto npt) {  // 2.
-      adj_local_kernel<T, decltype(npt)::value><<<static_cast<unsigned>(tf.ctas()), threads, 0, stream>>>(p, tf, bb);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // 2. At most 128 states per CTA (its stages' shared memory). kVec: the chunk's dt and C are read 4 n at a
+    // time; likewise in step 5.
+    const Tiling ta = make_tiling(p, kBwdChunk, 4);
+    const bool quads = N % 4 == 0;
+    bool_switch(quads && quad_ok(p.dt, sizeof(T)) && quad_ok(p.C, sizeof(T)), [&](auto vec) {
+      auto launch = [&](auto npt) {
+        adj_local_kernel<T, decltype(npt)::value, decltype(vec)::value><<<static_cast<unsigned>(ta.ctas()),
+                                                                         static_cast<unsigned>(ta.warps * 32), 0, stream>>>(
+            p, ta, bb);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (ta.npt == 1) launch(std::integral_constant<int, 1>{});
+      else if (ta.npt == 2) launch(std::integral_constant<int, 2>{});
+      else launch(std::integral_constant<int, 4>{});
     });
     const int64_t elems = R * H * P * N;  // 3.
     pass_kernel<true><<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
@@ -682,11 +905,18 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
     bwd_chunk_kernel<T><<<static_cast<unsigned>(tb.ctas()), static_cast<unsigned>(tb.warps * 32), smem, stream>>>(
         p, tb, bb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t nnb = (N + 127) / 128;  // 5.
-    finish_n_kernel<T><<<static_cast<unsigned>(R * ntb * p.ngroups * nnb), 128, 0, stream>>>(p, tb, bb, nnb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish_p_kernel<T><<<static_cast<unsigned>(R * ntb), 256, 0, stream>>>(p, tb, bb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int nnb = static_cast<int>((N + kFinN - 1) / kFinN);  // 5.
+    bool_switch(quads && quad_ok(p.dt, sizeof(T)) && quad_ok(p.B, sizeof(T)), [&](auto vec) {
+      finish_n_kernel<T, decltype(vec)::value><<<static_cast<unsigned>(R * ntb * p.ngroups * nnb), kFinWarps * 32, 0,
+                                                 stream>>>(p, tb, bb, nnb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const int neb = static_cast<int>((H * P + kFinPE - 1) / kFinPE);
+    bool_switch(p.x.s2 == P && H * P % 4 == 0 && quad_ok(p.x, sizeof(T)), [&](auto vec) {
+      finish_p_kernel<T, decltype(vec)::value><<<static_cast<unsigned>(R * ntb * neb), kFinPWarps * 32, 0, stream>>>(
+          p, tb, bb, neb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
   colsum_kernel<<<blocks_for(ncols, 32), 256, 0, stream>>>(bb, tf.ctas() > 0 ? R * ntb : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

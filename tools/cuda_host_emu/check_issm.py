@@ -66,6 +66,8 @@ inp["dt"] = inp["dt"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
 for k in ("B", "C"):
     inp[k] = torch.cat([inp[k], torch.randn_like(inp[k])], dim=3)[..., :40]
 check(inp, "strided x, dt, B, C", dt_softplus=True)
+# two p-tiles with the finishing kernels' 4-element accesses (N % 4 == 0, contiguous)
+check(T._make(1, 100, 3, 1, 70, 16, F32, D="hp", z=True, dt_bias="hn", init=True, softplus=True), "P70 N16 (p-tiles, vector)", dt_softplus=True)
 inp = T._make(1, 150, 2, 1, 36, 128, F32, init=True)  # DEST3D-like: P = 36, N = 128 (4 states per lane)
 check(inp, "DEST3D-like P36 N128")
 inp = T._make(1, 150, 2, 1, 36, 128, BF16, z=True, D="h", init=True)
