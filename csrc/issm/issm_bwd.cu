@@ -1,10 +1,10 @@
 // CUDA backward of the ISSM scan. Same semantics as issm_cpu.cpp's backward; chunks of 64 steps.
-//   1. forward phases A, B and C (issm_cuda.cuh) in kOutBwd mode: the state entering each
-//      chunk, the chunk decay products, gy = dout * silu(z) (fp32 scratch) and dz.
+//   1. fwd_chunk_kernel (issm_cuda.cuh) in kOutBwd mode: the state entering each chunk, the
+//      chunk decay products, gy = dout * silu(z) (fp32 scratch) and dz.
 //   2. adj_local_kernel: per chunk, the adjoint of the chunk's entering state from the chunk's
-//      own outputs (dS += C gy^T; dS *= decay; zeroed at segment starts / resets; dfinal_states
-//      added at segment ends), walking the chunk in reverse from 0.
-//   3. pass_kernel<reverse>: the adjoint at the end of each chunk from all later chunks.
+//      own outputs (the reverse walk dS := decay (dS + C gy^T), zeroed at segment starts / resets,
+//      dfinal_states added at segment ends), summed as a forward product over the steps.
+//   3. pass_kernel: the adjoint at the end of each chunk from all later chunks.
 //   4. bwd_chunk_kernel: per (chunk, p-tile, 32-state n-tile), thread = 4 p x 2 n, the forward
 //      states of the chunk are recomputed (block boundaries every kTS steps in shared memory, then
 //      a block's step history in registers) and the chunk walked in reverse: dx partials (over this
@@ -897,7 +897,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
       else launch(std::integral_constant<int, 4>{});
     });
     const int64_t elems = R * H * P * N;  // 3.
-    pass_kernel<true><<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
+    pass_kernel<<<blocks_for(elems, 256), 256, 0, stream>>>(p, tf, bb.adj, bb.prod);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const size_t smem = bwd_smem(tb.warps);  // 4.
     C10_CUDA_CHECK(cudaFuncSetAttribute(bwd_chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -8,8 +8,8 @@
 //            y_t[p] = sum_n C_t[n] s_t[p,n] + D x_t[p] (gated by silu(z)) and the final states at
 //            segment ends. <kOutBwd> emits gy = dout * silu(z) and dz instead of out, and keeps the
 //            entering states and decay products for the backward.
-//   pass_kernel<reverse>    sequential over chunks, elementwise over (row, head, p, n): passes the
-//            adjoint of the backward from chunk to chunk.
+//   pass_kernel             sequential over chunks (last first), elementwise over (row, head, p, n):
+//            passes the adjoint of the backward from chunk to chunk.
 // Thread layout: a warp owns kPPT consecutive p; lane l owns NPT consecutive n (l*NPT ...).
 // A CTA has W warps (W*kPPT p: a p-tile) and 32*NPT n (an n-tile). Inputs are staged into
 // shared memory kTS steps at a time (decay, k = delta*B, C, x, step events), the state stays
@@ -47,7 +47,6 @@ namespace {
 
 constexpr int kPPT = 4;        // p per warp (each lane holds all kPPT)
 constexpr int kTS = 8;         // steps staged per shared-memory block
-constexpr int kMaxTc = 128;    // chunk length bound (chunk_kernel keeps a chunk's events in shared memory)
 constexpr int kMaxWarps = 16;  // a CTA covers up to 64 p
 constexpr int kMaxPC = kMaxWarps * kPPT;
 
@@ -84,7 +83,7 @@ inline Tiling make_tiling(const IssmParams& p, int Tc, int max_npt) {
   tl.ntn = static_cast<int>((N + 32 * tl.npt - 1) / (32 * tl.npt));
   tl.ntp = static_cast<int>((P + kMaxPC - 1) / kMaxPC);
   tl.warps = static_cast<int>((P + int64_t(kPPT) * tl.ntp - 1) / (int64_t(kPPT) * tl.ntp));
-  tl.Tc = std::min(Tc, kMaxTc);
+  tl.Tc = Tc;
   tl.nchunks = static_cast<int>((p.seqlen + Tc - 1) / Tc);
   return tl;
 }
@@ -784,12 +783,11 @@ __global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void fwd_chunk_kernel(IssmParams
   }
 }
 
-// Phase B: forward, buf[c] := state entering chunk c; reverse (adjoint), buf[c] := adjoint at
-// the end of chunk c coming from later chunks. One thread per (row, h, p, n). The loads of kPassB
-// chunks are issued before any of their stores (they do not depend on S): one memory latency per
-// kPassB chunks instead of per chunk.
+// Backward step 3: buf[c] := the adjoint at the end of chunk c coming from later chunks (buf holds
+// each chunk's local adjoint on entry). One thread per (row, h, p, n). The loads of kPassB chunks
+// are issued before any of their stores (they do not depend on S): one memory latency per kPassB
+// chunks instead of per chunk.
 constexpr int kPassB = 8;
-template <bool kReverse>
 __global__ __launch_bounds__(256) void pass_kernel(IssmParams p, Tiling tl, float* __restrict__ buf,
                                                    const float* __restrict__ prod) {
   const int64_t N = p.dstate, PN = p.headdim * N, HPN = p.nheads * PN;
@@ -805,13 +803,13 @@ __global__ __launch_bounds__(256) void pass_kernel(IssmParams p, Tiling tl, floa
     float loc[kPassB], dec[kPassB];
 #pragma unroll
     for (int i = 0; i < kPassB; ++i) {
-      const int c = kReverse ? nc - 1 - (i0 + i) : i0 + i;
+      const int c = nc - 1 - (i0 + i);
       loc[i] = i0 + i < nc ? b[c * HPN] : 0.f;
       dec[i] = i0 + i < nc ? pr[c * HN] : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < kPassB; ++i) {
-      const int c = kReverse ? nc - 1 - (i0 + i) : i0 + i;
+      const int c = nc - 1 - (i0 + i);
       if (i0 + i < nc) {
         b[c * HPN] = S;
         S = fmaf(dec[i], S, loc[i]);
