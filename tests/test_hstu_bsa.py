@@ -928,6 +928,23 @@ def test_bad_input_device_mismatch(device):
         ops.hstu_bsa_topk(q, k.cpu(), off, 6, H, 0.5, 2, 2)
 
 
+def test_offsets_checked_again_after_a_change(device):
+    """GPU offsets are read once per tensor and version (no device sync per call): a tensor
+    changed in place, or a new one with the same values changed, is checked again."""
+    q, k, v, u, gates, off = _inputs([5, 4], F32, device)
+    ops.hstu_bsa_topk(q, k, off, 6, H, 0.5, 2, 2)
+    ops.hstu_bsa_topk(q, k, off, 6, H, 0.5, 2, 2)  # remembered: the same answer
+    off[1] = 9  # in place (the version changes): a sequence of 9 rows, longer than n
+    with pytest.raises(ERRORS, match=r"longest sequence in x_offsets \(9 rows\)"):
+        ops.hstu_bsa_topk(q, k, off, 6, H, 0.5, 2, 2)
+    with pytest.raises(ERRORS, match=r"x_offsets\[2\] = 12 is past the end of q"):
+        ops.hstu_bsa_topk(q, k, torch.tensor([0, 5, 12], device=device), 6, H, 0.5, 2, 2)
+    good = torch.tensor([0, 5, 9], device=device)
+    ops.hstu_bsa_topk(q, k, good, 6, H, 0.5, 2, 2)
+    with pytest.raises(ERRORS, match=r"x_offsets\[2\] = 9 is past the end of q \(5 rows\)"):  # another T
+        ops.hstu_bsa_topk(q[:5], k[:5], good, 6, H, 0.5, 2, 2)
+
+
 # --------------------------------------------------------------------------------------
 # padding helpers and import twins
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 // Argument checking for the HSTU attention ops, shared by CPU and CUDA.
 #include "hstu_bsa/hstu_bsa.h"
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <cmath>
+#include <mutex>
 
 #include "common/checks.h"
 
@@ -31,7 +34,7 @@ Mat3 mat3(const at::Tensor& t) {
 const char* kPadded = " (the padded length, invalid_attn_mask.size(-1))";
 
 // x_offsets' values: 0 first, never decreasing, T last; returns the longest sequence.
-int64_t check_offsets_values(const at::Tensor& offsets, int64_t total) {
+int64_t read_offsets_values(const at::Tensor& offsets, int64_t total) {
   const at::Tensor host = offsets.cpu();
   const int64_t* o = host.data_ptr<int64_t>();
   const int64_t batch = host.size(0) - 1;
@@ -46,6 +49,35 @@ int64_t check_offsets_values(const at::Tensor& offsets, int64_t total) {
   }
   TORCH_CHECK(o[batch] == total, msg("x_offsets[-1] = ", o[batch], " must equal q.size(0) = ", total,
                                      " (the number of jagged rows)"));
+  return longest;
+}
+
+// Reading GPU offsets costs a device sync, which at short lengths was most of an op's time
+// (every layer, forward and backward, passes the same x_offsets). So a GPU tensor once checked
+// is remembered: the same tensor (a weak reference keeps its TensorImpl from being reused) at the
+// same version (any in-place write bumps it) and the same T is not read again.
+int64_t check_offsets_values(const at::Tensor& offsets, int64_t total) {
+  if (!offsets.is_cuda()) return read_offsets_values(offsets, total);
+  struct Checked {
+    c10::weak_intrusive_ptr<c10::TensorImpl> impl{c10::intrusive_ptr<c10::TensorImpl>()};
+    uint32_t version = 0;
+    int64_t total = -1, longest = 0;
+  };
+  constexpr int kRemembered = 16;
+  static std::mutex mutex;
+  static Checked checked[kRemembered];
+  static int next = 0;
+  const uint32_t version = offsets._version();
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Checked& c : checked)
+      if (c.total == total && c.version == version && c.impl.lock().get() == offsets.unsafeGetTensorImpl())
+        return c.longest;
+  }
+  const int64_t longest = read_offsets_values(offsets, total);  // throws on bad values: nothing remembered
+  const std::lock_guard<std::mutex> lock(mutex);
+  checked[next] = Checked{c10::weak_intrusive_ptr<c10::TensorImpl>(offsets.getIntrusivePtr()), version, total, longest};
+  next = (next + 1) % kRemembered;
   return longest;
 }
 
