@@ -25,13 +25,17 @@ TORCH_LIBRARY(ssm_ext, m) {
   m.def("scan_bwd(Tensor x, Tensor a, Tensor? b, Tensor? c, Tensor? initial_state, Tensor? states, "
         "Tensor? chunk_states, Tensor dy, Tensor? dfinal_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // ISSM chunked scan, per-state decay (csrc/issm); absent gradients come back as empty tensors
+  // ISSM chunked scan, per-state decay (csrc/issm); absent gradients come back as empty tensors.
+  // chunk_states: what the CUDA forward keeps for the backward (the state entering each 64-step chunk
+  // and the chunks' decay products, fp32) when z is absent, else empty; the backward then skips
+  // recomputing the forward. Opaque: pass issm_fwd's output or None.
   m.def("issm_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, Tensor? z, "
         "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, bool dt_softplus, "
-        "float dt_limit_lo, float dt_limit_hi, bool return_final_states) -> (Tensor out, Tensor final_states)");
+        "float dt_limit_lo, float dt_limit_hi, bool return_final_states) -> (Tensor out, Tensor final_states, "
+        "Tensor chunk_states)");
   m.def("issm_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, Tensor? z, "
         "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, bool dt_softplus, "
-        "float dt_limit_lo, float dt_limit_hi, Tensor dout, Tensor? dfinal_states) -> (Tensor dx, Tensor ddt, "
+        "float dt_limit_lo, float dt_limit_hi, Tensor dout, Tensor? dfinal_states, Tensor? chunk_states) -> (Tensor dx, Tensor ddt, "
         "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
 
   // gated RMSNorm (csrc/norm)

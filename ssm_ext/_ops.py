@@ -137,6 +137,15 @@ torch.library.register_autograd("ssm_ext::scan_fwd", _scan_backward, setup_conte
 
 # ---------------------------------------------------------------- ISSM scan
 
+def _issm_chunk_states_numel(x, B, z):
+    """Size of issm_fwd's chunk_states: on CUDA without z, the state entering each 64-step chunk
+    (b, chunks, H, P, N) and the chunks' decay products (b, chunks, H, N); else empty."""
+    b, L, h, p = x.shape
+    if x.device.type != "cuda" or z is not None or p == 0:
+        return 0
+    return b * ((L + 63) // 64) * h * (p + 1) * B.shape[3]
+
+
 @torch.library.register_fake("ssm_ext::issm_fwd")
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
       dt_limit_lo, dt_limit_hi, return_final_states):
@@ -144,12 +153,12 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seq
     nseq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     sd = _scan_state_dtype(x)
     final = x.new_empty(nseq, h, p, B.shape[3], dtype=sd) if return_final_states else x.new_empty(0, dtype=sd)
-    return x.new_empty(x.shape), final
+    return x.new_empty(x.shape), final, x.new_empty(_issm_chunk_states_numel(x, B, z), dtype=torch.float32)
 
 
 @torch.library.register_fake("ssm_ext::issm_bwd")
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
-      dt_limit_lo, dt_limit_hi, dout, dfinal_states):
+      dt_limit_lo, dt_limit_hi, dout, dfinal_states, chunk_states):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty(0)
     return (like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_states))
@@ -158,14 +167,16 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seq
 def _issm_setup_context(ctx, inputs, output):
     (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
      lo, hi, return_final_states) = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
+    ctx.mark_non_differentiable(output[2])
+    chunk_states = output[2] if output[2].numel() > 0 else None  # the CUDA forward's, to skip recomputing it
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_states)
     ctx.args = (chunk_size, dt_softplus, lo, hi)
     ctx.return_final_states = return_final_states
     ctx.set_materialize_grads(False)
 
 
-def _issm_backward(ctx, dout, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens = ctx.saved_tensors
+def _issm_backward(ctx, dout, dfinal, _dchunk_states):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_states = ctx.saved_tensors
     chunk_size, dt_softplus, lo, hi = ctx.args
     dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype)
     if dfinal is not None and ctx.return_final_states:
@@ -174,7 +185,7 @@ def _issm_backward(ctx, dout, dfinal):
         dfinal = None
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ops.issm_bwd(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, lo, hi,
-        dout, dfinal)
+        dout, dfinal, chunk_states)
     return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if z is not None else None,
             ddt_bias if dt_bias is not None else None, dinit if initial_states is not None else None,
             None, None, None, None, None, None)

@@ -35,6 +35,6 @@ def ISSM_chunk_scan_combined(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
         lo, hi = dt_limit
     except (TypeError, ValueError):
         raise ValueError(f"dt_limit must be a pair (lo, hi), got {dt_limit!r}") from None
-    out, final_states = ops.issm_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+    out, final_states, _ = ops.issm_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                      cu_seqlens, dt_softplus, float(lo), float(hi), return_final_states)
     return (out, final_states) if return_final_states else out

@@ -404,6 +404,36 @@ def test_deterministic_multi_chunk(device):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("opts", ["plain", "all_but_z", "cu_seqlens"])
+def test_bwd_from_chunk_states(device, opts):
+    """Without z the CUDA forward returns its chunk states (the state entering each 64-step chunk
+    and the decay products) and the backward starts from them instead of recomputing the forward:
+    its gradients equal the recomputing backward's bitwise. The CPU returns none (it recomputes).
+    Wrong chunk_states, or chunk_states with z, are refused by name."""
+    if opts == "cu_seqlens":
+        inp = _make(1, 200, 3, 1, 5, 12, F32, device, D="h", init=True, nseq=3)
+        inp["cu_seqlens"] = torch.tensor([0, 70, 70, 200], dtype=torch.int32, device=device)
+    else:
+        inp = _make(2, 150, 3, 1, 5, 12, F32, device, **({} if opts == "plain" else
+                                                           dict(D="hp", dt_bias="hn", init=True, softplus=True)))
+    op_f, op_b = torch.ops.ssm_ext.issm_fwd.default, torch.ops.ssm_ext.issm_bwd.default
+    v = dict(inp, chunk_size=64, dt_softplus=opts == "all_but_z", dt_limit_lo=0.0, dt_limit_hi=float("inf"),
+             return_final_states=True)
+    out, fs, cs = op_f(*schema_args(op_f, v))
+    b, L, H, P = inp["x"].shape
+    assert cs.dtype == F32 and cs.numel() == (b * ((L + 63) // 64) * H * (P + 1) * 12 if device == "cuda" else 0)
+    v.update(dout=torch.randn_like(out), dfinal_states=torch.randn_like(fs))
+    recomputed = op_b(*schema_args(op_b, dict(v, chunk_states=None)))
+    reused = op_b(*schema_args(op_b, dict(v, chunk_states=cs)))
+    for i, (a, r) in enumerate(zip(recomputed, reused)):
+        assert torch.equal(a, r), f"gradient {i} differs when the backward starts from chunk_states"
+    if device == "cuda":
+        with pytest.raises(ERRORS, match=r"chunk_states must be the float32"):
+            op_b(*schema_args(op_b, dict(v, chunk_states=cs[:-1])))
+        with pytest.raises(ERRORS, match=r"chunk_states: .* z was given"):
+            op_b(*schema_args(op_b, dict(v, chunk_states=cs, z=torch.randn_like(inp["x"]))))
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture():
     """Forward and backward run inside a CUDA graph (no host syncs, current stream) and replay
@@ -417,6 +447,7 @@ def test_cuda_graph_capture():
              return_final_states=True)
     v["dout"] = torch.randn_like(inp["x"])
     v["dfinal_states"] = torch.randn(3, 2, 5, 12, device="cuda")
+    v["chunk_states"] = None
     eager = (*op_f(*schema_args(op_f, v)), *op_b(*schema_args(op_b, v)))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -592,6 +623,7 @@ def test_opcheck_bwd(device, case):
     nseq = 3 if v["cu_seqlens"] is not None else x.shape[0]
     v["dout"] = torch.randn_like(x)
     v["dfinal_states"] = torch.randn(nseq, x.shape[2], x.shape[3], v["B"].shape[3], device=device)
+    v["chunk_states"] = None
     op = torch.ops.ssm_ext.issm_bwd.default
     torch.library.opcheck(op, schema_args(op, v))
 
@@ -763,7 +795,7 @@ def test_bad_input_varlen(device, what):
 
 def test_bad_input_bwd(device):
     inp = _good(device)
-    v = dict(inp, chunk_size=16, dt_softplus=False, dt_limit_lo=0.0, dt_limit_hi=float("inf"))
+    v = dict(inp, chunk_size=16, dt_softplus=False, dt_limit_lo=0.0, dt_limit_hi=float("inf"), chunk_states=None)
     op = torch.ops.ssm_ext.issm_bwd.default
     ok_dout = torch.randn_like(inp["x"])
     ok_dfs = torch.randn(_b, _H, _P, _N, device=device)

@@ -847,7 +847,10 @@ void bool_switch(bool b, F&& f) {
 }
 
 template <typename T>
-void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stream) {
+// saved: issm_fwd's chunk_states (z absent), or undefined. With them step 1 has nothing left to
+// compute (the entering states and decay products are the forward's, bitwise; gy = dout).
+void run_backward(const IssmParams& p, const at::Tensor& like, const at::Tensor& saved, const at::Tensor& dout,
+                  cudaStream_t stream) {
   const Tiling tf = make_tiling(p, kBwdChunk, 8);  // forward-like kernels
   Tiling tb = make_tiling(p, kBwdChunk, 1);  // bwd_chunk_kernel: 32 states per CTA, 8 p per warp
   tb.warps = static_cast<int>((p.headdim + int64_t(kBPW) * tb.ntp - 1) / (int64_t(kBPW) * tb.ntp));
@@ -855,8 +858,10 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   const int64_t H = p.nheads, P = p.headdim, N = p.dstate, L = p.seqlen, R = tf.nrows;
   auto buf = [&](int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, f32); };
   const int64_t ntb = (L + kTB - 1) / kTB;
-  at::Tensor states = buf(R * tf.nchunks * H * P * N), adj = buf(R * tf.nchunks * H * P * N);
-  at::Tensor prod = buf(R * tf.nchunks * H * N), gy = buf(R * L * H * P);
+  const bool reuse = saved.defined();
+  at::Tensor states = reuse ? saved : buf(R * tf.nchunks * H * P * N), adj = buf(R * tf.nchunks * H * P * N);
+  at::Tensor prod = reuse ? saved : buf(R * tf.nchunks * H * N);
+  at::Tensor gy = reuse ? dout.to(at::kFloat).contiguous() : buf(R * L * H * P);
   at::Tensor ypart = tf.ntn > 1 ? buf(tf.ntn * R * L * H * P) : at::Tensor();
   at::Tensor dxpart = buf(tb.ntn * R * L * H * P), nred = buf(3 * tb.ntp * R * L * H * N);
   const int64_t ncols = 2 * H * N + H * P;
@@ -864,7 +869,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
 
   Bufs fb;
   fb.states = states.data_ptr<float>();
-  fb.prod = prod.data_ptr<float>();
+  fb.prod = prod.data_ptr<float>() + (reuse ? R * tf.nchunks * H * P * N : 0);
   fb.gy = gy.data_ptr<float>();
   if (tf.ntn > 1) fb.ypart = ypart.data_ptr<float>();
   BwdBufs bb;
@@ -880,7 +885,7 @@ void run_backward(const IssmParams& p, const at::Tensor& like, cudaStream_t stre
   bb.ntb = ntb;
 
   if (tf.ctas() > 0) {
-    run_forward<T, kOutBwd>(p, tf, fb, like, stream);  // 1.
+    if (!reuse) run_forward<T, kOutBwd>(p, tf, fb, like, stream);  // 1.
     // 2. At most 128 states per CTA (its stages' shared memory). kVec: the chunk's dt and C are read 4 n at a
     // time; likewise in step 5.
     const Tiling ta = make_tiling(p, kBwdChunk, 4);
@@ -935,7 +940,7 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
          const c10::optional<at::Tensor>& dt_bias, const c10::optional<at::Tensor>& initial_states,
          const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& cu_seqlens, bool dt_softplus,
          double dt_limit_lo, double dt_limit_hi, const at::Tensor& dout,
-         const c10::optional<at::Tensor>& dfinal_states) {
+         const c10::optional<at::Tensor>& dfinal_states, const c10::optional<at::Tensor>& chunk_states) {
   BwdArgs r = prepare_bwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                           dt_softplus, dt_limit_lo, dt_limit_hi, dout, dfinal_states);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -975,6 +980,18 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
     dfinal32 = dfinal_states->contiguous();
     p.dfinal_states = view4(dfinal32);
   }
+  at::Tensor saved;
+  if (chunk_states.has_value() && chunk_states->numel() > 0) {
+    const int64_t rows = p.cu_seqlens ? 1 : p.batch, nc = (p.seqlen + kBwdChunk - 1) / kBwdChunk;
+    const int64_t want = rows * nc * p.nheads * (p.headdim + 1) * p.dstate;
+    TORCH_CHECK(!p.z.ptr, "chunk_states: issm_fwd returns them only when z is absent, but z was given");
+    TORCH_CHECK(chunk_states->device() == x.device() && chunk_states->scalar_type() == at::kFloat &&
+                    chunk_states->dim() == 1 && chunk_states->numel() == want,
+                msg("chunk_states must be the float32 (", want, ",) tensor issm_fwd returned for these inputs on ",
+                    x.device(), ", got ", chunk_states->scalar_type(), " with ", chunk_states->dim(), " dims and ", chunk_states->numel(), " elements on ",
+                    chunk_states->device()));
+    saved = chunk_states->contiguous();
+  }
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (p.headdim == 0 || p.nheads == 0) {  // nothing flows: zero gradients
@@ -982,7 +999,7 @@ bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const a
         t->zero_();
       return;
     }
-    run_backward<T>(p, x, stream);
+    run_backward<T>(p, x, saved, dout, stream);
   });
   if (dinit32.defined() && !dinit32.is_same(r.dinitial_states)) r.dinitial_states.copy_(dinit32);
   return {r.dx, r.ddt, r.dA, r.dB, r.dC, r.dD, r.dz, r.ddt_bias, r.dinitial_states};

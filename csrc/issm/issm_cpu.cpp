@@ -317,7 +317,7 @@ void bwd_kernel(const IssmParams& p) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C, int64_t chunk_size,
                                            const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                            const c10::optional<at::Tensor>& dt_bias,
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor
                           dt_softplus, dt_limit_lo, dt_limit_hi, return_final_states);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "issm_fwd",
                                   [&] { fwd_kernel<scalar_t>(r.p); });
-  return {r.out, r.final_states};
+  return {r.out, r.final_states, at::empty({0}, x.options().dtype(at::kFloat))};  // the CPU backward recomputes
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -339,7 +339,7 @@ bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at
         const c10::optional<at::Tensor>& dt_bias, const c10::optional<at::Tensor>& initial_states,
         const c10::optional<at::Tensor>& seq_idx, const c10::optional<at::Tensor>& cu_seqlens, bool dt_softplus,
         double dt_limit_lo, double dt_limit_hi, const at::Tensor& dout,
-        const c10::optional<at::Tensor>& dfinal_states) {
+        const c10::optional<at::Tensor>& dfinal_states, const c10::optional<at::Tensor>& /*chunk_states*/) {
   BwdArgs r = prepare_bwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                           dt_softplus, dt_limit_lo, dt_limit_hi, dout, dfinal_states);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "issm_bwd",

@@ -90,8 +90,8 @@ inline Tiling make_tiling(const IssmParams& p, int Tc, int max_npt) {
 
 // Scratch buffers (fp32, allocated by the launchers).
 struct Bufs {
-  float* states = nullptr;  // (nrows, nchunks, H, P, N): the state entering each chunk (chunk 0: backward only)
-  float* prod = nullptr;    // (nrows, nchunks, H, N): product of the chunk's decays (backward only)
+  float* states = nullptr;  // (nrows, nchunks, H, P, N): the state entering each chunk (chunk 0: with prod only)
+  float* prod = nullptr;    // (nrows, nchunks, H, N): product of the chunk's decays (for the backward; may be null)
   float* agg = nullptr;     // (nrows, nchunks, H, P, N): local chunk-end states (look-back aggregates)
   float* agg_lam = nullptr; // (nrows, nchunks, H, ntp, N): their decay products
   int* flags = nullptr;     // (nrows, nchunks, H, ntp, ntn): look-back flags, 0 before the launch
@@ -702,7 +702,7 @@ __global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void fwd_chunk_kernel(IssmParams
           if (u.pin[j] && u.nin[jn]) sin[j][jn] = fmaf(lk[jn], sin[j][jn], __ldcg(&bufs.agg[e + kk * plane + j * N + jn]));
     }
   }
-  if (MODE == kOutBwd && a.c == 0) {  // the backward reads the state entering chunk 0 too
+  if (bufs.prod && a.c == 0) {  // the backward reads the state entering chunk 0 too
 #pragma unroll
     for (int j = 0; j < kPPT; ++j)
 #pragma unroll
@@ -719,7 +719,7 @@ __global__ SSM_EXT_MAXNREG(NPT >= 8 ? 128 : 96) void fwd_chunk_kernel(IssmParams
                  fmaf(lam[jn], sin[j][jn], s[j][jn]));
     publish_flag(flags + flag_index(tl, a, a.c), kFlagIncl);
   }
-  if (MODE == kOutBwd && a.tp == 0 && u.warp == 0) {
+  if (bufs.prod && a.tp == 0 && u.warp == 0) {
 #pragma unroll
     for (int jn = 0; jn < NPT; ++jn)
       if (u.nin[jn]) bufs.prod[prod_index(p, tl, a.row, a.c, a.h, u.nl + jn)] = lam[jn];

@@ -13,7 +13,7 @@ namespace ssm_ext {
 namespace issm {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                             const at::Tensor& B, const at::Tensor& C, int64_t chunk_size,
                                             const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                             const c10::optional<at::Tensor>& dt_bias,
@@ -27,15 +27,23 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
   const IssmParams& p = r.p;
   TORCH_CHECK(p.dstate > 0, msg("dstate (B.size(3)) must be > 0 on CUDA, got ", p.dstate));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor chunk_states = at::empty({0}, x.options().dtype(at::kFloat));
   dispatch_io_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
     const Tiling tl = make_tiling(p, kFwdChunk, 8);
-    at::Tensor states = at::empty({std::max<int64_t>(int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate, 1)},
-                                  x.options().dtype(at::kFloat));
-    at::Tensor ypart;
+    const int64_t n_states = int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate;
     Bufs bufs;
-    bufs.states = states.data_ptr<float>();
+    at::Tensor states;
+    if (!p.z.ptr && n_states > 0) {  // kept for the backward: the entering states, then the decay products
+      chunk_states = at::empty({n_states + int64_t(tl.nrows) * tl.nchunks * p.nheads * p.dstate}, x.options().dtype(at::kFloat));
+      bufs.states = chunk_states.data_ptr<float>();
+      bufs.prod = bufs.states + n_states;
+    } else {
+      states = at::empty({std::max<int64_t>(n_states, 1)}, x.options().dtype(at::kFloat));
+      bufs.states = states.data_ptr<float>();
+    }
+    at::Tensor ypart;
     if (tl.ntn > 1) {
       ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, x.options().dtype(at::kFloat));
       bufs.ypart = ypart.data_ptr<float>();
@@ -46,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {r.out, r.final_states};
+  return {r.out, r.final_states, chunk_states};
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 #include <torch/extension.h>
 namespace ssm_ext { namespace issm {
 using OT = c10::optional<at::Tensor>;
-std::tuple<at::Tensor, at::Tensor> emu_issm_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, bool);
-std::vector<at::Tensor> emu_issm_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, const at::Tensor&, const OT&);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_issm_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, bool);
+std::vector<at::Tensor> emu_issm_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OT&, const OT&, const OT&, const OT&, const OT&, const OT&, bool, double, double, const at::Tensor&, const OT&, const OT&);
 }}
 namespace ssm_ext { namespace norm {
 using OT = c10::optional<at::Tensor>;

@@ -21,13 +21,13 @@ def check(inp, name, tol=None, **opts):
     sp = opts.get("dt_softplus", False); lim = opts.get("dt_limit", (0.0, float("inf")))
     x = inp["x"]; tol = tol or (2e-5 if x.dtype == F32 else 2e-2)
     t0 = time.time()
-    out, fs = hemu.issm_fwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], True)
+    out, fs, saved = hemu.issm_fwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], True)
     names = [k for k in DIFF if inp[k] is not None]
     leaves = {k: (v.to(F64).requires_grad_() if k in names else v) for k, v in inp.items()}
     r_out, r_fs = ref.issm_chunk_scan(**leaves, **opts)
     dout = torch.randn(out.shape).to(x.dtype); dfs = torch.randn(fs.shape)
     rg = torch.autograd.grad((r_out, r_fs), [leaves[k] for k in names], (dout.double(), dfs.double()), allow_unused=True)
-    g = hemu.issm_bwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], dout, dfs)
+    g = hemu.issm_bwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], dout, dfs, None)
     gd = dict(zip(DIFF, g))
     errs = {"out": rel(out, r_out), "final": rel(fs, r_fs)}
     for k, r in zip(names, rg):
@@ -35,8 +35,13 @@ def check(inp, name, tol=None, **opts):
         errs["d" + k] = rel(gd[k], r) if r.abs().max() > 0 else gd[k].abs().max().item()
     bad = {k: f"{v:.2e}" for k, v in errs.items() if not (v <= tol)}
     # determinism: a second run is bitwise equal
-    out2, fs2 = hemu.issm_fwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], True)
+    out2, fs2, _ = hemu.issm_fwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], True)
     if not (torch.equal(out, out2) and torch.equal(fs, fs2)): bad["determinism"] = "fwd differs"
+    # the backward from the forward's chunk states (z absent) equals the recomputing one bitwise
+    if (saved.numel() > 0) != (inp["z"] is None and x.shape[1] > 0 and x.shape[3] > 0): bad["saved"] = f"numel {saved.numel()}"
+    if saved.numel() > 0:
+        g2 = hemu.issm_bwd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], inp["dt_bias"], inp["initial_states"], inp["seq_idx"], inp["cu_seqlens"], sp, lim[0], lim[1], dout, dfs, saved)
+        if not all(torch.equal(a, b) for a, b in zip(g, g2)): bad["saved"] = "bwd from chunk_states differs"
     fails += bool(bad)
     print(f"{name:40s} {'OK ' if not bad else 'BAD'} {time.time()-t0:5.1f}s max_err={max(errs.values()):.1e} {bad if bad else ''}", flush=True)
 
@@ -91,17 +96,17 @@ for case, x in (("walk multi chunk", T._make(2, 300, 2, 1, 5, 40, F32, D="hp", z
                 ("walk cu_seqlens + seq_idx, P70", inp)):
     args = lambda: (x["x"], x["dt"], x["A"], x["B"], x["C"], 64, x["D"], x["z"], x["dt_bias"], x["initial_states"], x["seq_idx"], x["cu_seqlens"], True, 0.0, float("inf"))
     dout = torch.randn(x["x"].shape)
-    base = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None)
+    base = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None, None)
     for h in (1, 2):
         hemu.set_device(1, h)
-        got = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None)
+        got = hemu.issm_fwd(*args(), True), hemu.issm_bwd(*args(), dout, None, None)
         hemu.set_device(1, 0)
         same = all(torch.equal(a, b) for a, b in zip(list(base[0]) + [g for g in base[1] if g is not None],
                                                      list(got[0]) + [g for g in got[1] if g is not None]))
         fails += not same
         print(f"{case} hide={h}: bitwise equal to the direct chain {same}", flush=True)
 inp = T._make(2, 0, 2, 1, 3, 4, F32, init=True, D="h", z=True)
-out, fs = hemu.issm_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], None, inp["initial_states"], None, None, False, 0.0, float("inf"), True)
+out, fs, _ = hemu.issm_fwd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 64, inp["D"], inp["z"], None, inp["initial_states"], None, None, False, 0.0, float("inf"), True)
 ok = torch.equal(fs, inp["initial_states"])
 fails += not ok
 print("L=0 final == initial_states", ok)
