@@ -291,14 +291,14 @@ __device__ __forceinline__ void step_pairs(const Raw<T, R>& a, const Raw<T, R>& 
 // Composes the per-thread pairs of a tile across warps, in scan order (warp 0 first when
 // forward). In: pairs[w][r] = warp w's pair for row r. Out: pairs[w][r] = composition of the
 // warps before w; returns, in row thread r, the whole tile's pair.
-template <bool kForward, int kTileRows, int kGroups = kWarps>
+template <bool kForward, int kTileRows>
 __device__ __forceinline__ float2 compose_warps(float2 (*pairs)[kTileRows]) {
   __syncthreads();
   float2 acc = make_float2(1.f, 0.f);
   if (threadIdx.x < kTileRows) {
 #pragma unroll
-    for (int n = 0; n < kGroups; ++n) {
-      const int w = kForward ? n : kGroups - 1 - n;
+    for (int n = 0; n < kWarps; ++n) {
+      const int w = kForward ? n : kWarps - 1 - n;
       const float2 own = pairs[w][threadIdx.x];
       pairs[w][threadIdx.x] = acc;
       acc = then(acc, own);

@@ -8,7 +8,6 @@
 // scan_cuda.cuh, then h and y from the state entering its steps.
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "common/dispatch.h"
@@ -28,10 +27,12 @@ constexpr int kPieceElems = 16 / int(sizeof(T));  // elements of one 16-byte cop
 
 enum Input { kA, kX, kB, kC, kInputs };
 
-// W warps: a tile of W * kWarpSteps steps.
-template <typename T, int W>
+template <typename T>
+constexpr int kStripSteps = kWarps * kWarpSteps<T>;  // fp32 64, 16-bit 128: 8 KB of each input
+
+template <typename T>
 struct StripTile {
-  T v[kInputs][W * kWarpSteps<T>][kStripRows];
+  T v[kInputs][kStripSteps<T>][kStripRows];
 };
 
 // Where tile k = chunk * n_strips + strip lies: batch bb, channels d0 .., steps t0 ... Advanced
@@ -51,18 +52,18 @@ struct TileAt {
   }
   __device__ uint32_t bb(uint32_t n_dstrips) const { return strip / n_dstrips; }
   __device__ int64_t d0(uint32_t n_dstrips) const { return int64_t(strip % n_dstrips) * kStripRows; }
-  template <typename T, int W>
-  __device__ int64_t t0() const { return int64_t(chunk) * W * kWarpSteps<T>; }
+  template <typename T>
+  __device__ int64_t t0() const { return int64_t(chunk) * kStripSteps<T>; }
 };
 
 // T: x, a, b, c; Y: y. Writes y (if p.y), the states or the chunk states if asked, the final state.
-// W warps per CTA, a ring of kStages tiles, built for kMinCtas CTAs per SM.
-template <typename T, typename Y, int W, int kStages, int kMinCtas>
-__global__ __launch_bounds__(W * 32, kMinCtas) void fwd_strips_kernel(ScanParams p, LookBack lb, uint32_t n_dstrips) {
-  constexpr int S = kWarpSteps<T>, kSteps = W * S, kThreads = W * 32;
+// A ring of kStages tiles, built for kMinCtas CTAs per SM.
+template <typename T, typename Y, int kStages, int kMinCtas>
+__global__ __launch_bounds__(kThreads, kMinCtas) void fwd_strips_kernel(ScanParams p, LookBack lb, uint32_t n_dstrips) {
+  constexpr int S = kWarpSteps<T>, kSteps = kStripSteps<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  StripTile<T, W>* tiles = reinterpret_cast<StripTile<T, W>*>(smem_raw);
-  __shared__ float2 pairs[W][kStripRows];
+  StripTile<T>* tiles = reinterpret_cast<StripTile<T>*>(smem_raw);
+  __shared__ float2 pairs[kWarps][kStripRows];
   __shared__ float h_in[kStripRows];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n_tiles = lb.n_strips * lb.n_chunks, grid = gridDim.x;
@@ -81,7 +82,7 @@ __global__ __launch_bounds__(W * 32, kMinCtas) void fwd_strips_kernel(ScanParams
   const int step0 = threadIdx.x / kPieces, q0 = (threadIdx.x % kPieces) * kPieceElems<T>;
   auto issue = [&](const TileAt& at, int stage) {
     if (at.k < n_tiles) {
-      const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T, W>();
+      const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T>();
       const int steps_left = int(std::min<int64_t>(p.seqlen - t0, kSteps));
       const bool row_ok = d0 + q0 < p.dim;
       auto copy = [&](const View3& v, int input) {
@@ -117,8 +118,8 @@ __global__ __launch_bounds__(W * 32, kMinCtas) void fwd_strips_kernel(ScanParams
     next.advance(grid, grid_chunks, grid_strips, n_strips);
     mma::cp_async_wait<kStages - 1>();
     __syncthreads();
-    const StripTile<T, W>& tile = tiles[stage];
-    const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T, W>();
+    const StripTile<T>& tile = tiles[stage];
+    const int64_t bb = at.bb(n_dstrips), d0 = at.d0(n_dstrips), t0 = at.t0<T>();
     const int64_t d = d0 + lane, tw = t0 + warp * S;
     const bool row_ok = d < p.dim;
     const int n_steps = p.seqlen - tw <= 0 ? 0 : (p.seqlen - tw < S ? int(p.seqlen - tw) : S);
@@ -140,7 +141,7 @@ __global__ __launch_bounds__(W * 32, kMinCtas) void fwd_strips_kernel(ScanParams
     if (all_steps) pair_steps(std::true_type{});
     else pair_steps(std::false_type{});
     pairs[warp][lane] = pu;
-    const float2 whole = compose_warps<true, kStripRows, W>(pairs);
+    const float2 whole = compose_warps<true, kStripRows>(pairs);
     if (warp == 0) {
       float edge = 0.f;
       if (row_ok && k < lb.n_strips && p.initial_state.ptr)
@@ -212,19 +213,19 @@ bool strips_ok(const ScanParams& p, int piece) {
 
 namespace {
 
-template <typename T, typename Y, int W, int kStages, int kMinCtas>
+template <typename T, typename Y, int kStages, int kMinCtas>
 void launch_strips(const ScanParams& p, const at::Tensor& like, int sms) {
-  auto kernel = fwd_strips_kernel<T, Y, W, kStages, kMinCtas>;
-  constexpr size_t smem = kStages * sizeof(StripTile<T, W>);
-  constexpr int kSteps = W * kWarpSteps<T>;
+  auto kernel = fwd_strips_kernel<T, Y, kStages, kMinCtas>;
+  constexpr size_t smem = kStages * sizeof(StripTile<T>);
+  constexpr int kSteps = kStripSteps<T>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   const int64_t n_dstrips = (p.dim + kStripRows - 1) / kStripRows, n_chunks = (p.seqlen + kSteps - 1) / kSteps;
   ScratchSpace ws(p.batch * n_dstrips, n_chunks, kStripRows, like);
   // Every CTA resident at once: a tile waits only on lower tiles, taken by running CTAs.
   const int64_t grid = std::min<int64_t>(int64_t(ws.blocks()), int64_t(std::max(per_sm, 1)) * sms);
-  kernel<<<unsigned(grid), W * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(p, ws.lb, uint32_t(n_dstrips));
+  kernel<<<unsigned(grid), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, ws.lb, uint32_t(n_dstrips));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -235,19 +236,21 @@ bool launch_strips_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType ou
   dispatch_io_dtype(in, "x", [&](auto tin) {
     using T = decltype(tin);
     if (!strips_ok(p, kPieceElems<T>)) return;
-    // 32-bit tile coordinates (tiles of at least 4 warps' steps)
-    if (p.batch * ((p.dim + kStripRows - 1) / kStripRows) >= (int64_t(1) << 31) || p.seqlen / 4 >= (int64_t(1) << 31)) return;
+    // 32-bit tile coordinates
+    if (p.batch * ((p.dim + kStripRows - 1) / kStripRows) >= (int64_t(1) << 31) ||
+        (p.seqlen + kStripSteps<T> - 1) / kStripSteps<T> >= (int64_t(1) << 31))
+      return;
     dispatch_out_dtype<T>(out, [&](auto tout) {
       using Y = decltype(tout);
       int device = 0, sms = 0;
       C10_CUDA_CHECK(cudaGetDevice(&device));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      static const char* v = std::getenv("SSM_EXT_SCAN_STRIPV");  // EXPERIMENT
-      const char variant = v ? v[0] : 'A';
-      if (variant == 'B') launch_strips<T, Y, 8, 2, 3>(p, like, sms);
-      else if (variant == 'C') launch_strips<T, Y, 4, 3, 4>(p, like, sms);
-      else if (variant == 'D') launch_strips<T, Y, 4, 4, 3>(p, like, sms);
-      else launch_strips<T, Y, 8, 3, 2>(p, like, sms);
+      // Fewer strips than two CTAs per SM: tiles wait on tiles of their own round (the look-back
+      // walks while the CTA's other warps wait at the barrier), and three CTAs per SM with a 2-stage
+      // ring overlap those waits better (L = 1M, D = 256 fp32: 2260 -> 2106 us). Otherwise the
+      // predecessor's state is read a tile ahead, and a 3-stage ring keeps more loads in flight.
+      if (p.batch * ((p.dim + kStripRows - 1) / kStripRows) < 2 * int64_t(sms)) launch_strips<T, Y, 2, 3>(p, like, sms);
+      else launch_strips<T, Y, 3, 2>(p, like, sms);
       done = true;
     });
   });
