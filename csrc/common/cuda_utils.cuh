@@ -57,6 +57,7 @@ __device__ __forceinline__ float unpack_one(const uint4& raw, int i) {
   return float(reinterpret_cast<const T*>(&raw)[i]);
 }
 
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const HstuParams p, cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = alpha * s[j][e];
-        const float v = x / (1.f + __expf(-x));
+        const float v = silu_f(x);
         sS[(w * 16 + frag_row(lane, e)) * kScoreW + frag_col(lane, j, e)] = v != v ? ninf : v;
       }
     }

@@ -99,8 +99,6 @@ struct Bufs {
   float* gy = nullptr;      // (nrows, L, H, P): dout * silu(z) (backward)
 };
 
-__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
-
 // delta = clamp(phi(v), lo, hi); *mask = d delta / d v (0 where clamped).
 __device__ __forceinline__ float delta_of(const IssmParams& p, float v, float* mask) {
   float phi = v, dphi = 1.f;
