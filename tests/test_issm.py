@@ -404,17 +404,17 @@ def test_deterministic_multi_chunk(device):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("opts", ["plain", "all_but_z", "cu_seqlens"])
-def test_bwd_from_chunk_states(device, opts):
+@pytest.mark.parametrize("opts,dtype", [("plain", F32), ("all_but_z", F32), ("cu_seqlens", F32), ("all_but_z", BF16)])
+def test_bwd_from_chunk_states(device, opts, dtype):
     """Without z the CUDA forward returns its chunk states (the state entering each 64-step chunk
     and the decay products) and the backward starts from them instead of recomputing the forward:
     its gradients equal the recomputing backward's bitwise. The CPU returns none (it recomputes).
     Wrong chunk_states, or chunk_states with z, are refused by name."""
     if opts == "cu_seqlens":
-        inp = _make(1, 200, 3, 1, 5, 12, F32, device, D="h", init=True, nseq=3)
+        inp = _make(1, 200, 3, 1, 5, 12, dtype, device, D="h", init=True, nseq=3)
         inp["cu_seqlens"] = torch.tensor([0, 70, 70, 200], dtype=torch.int32, device=device)
     else:
-        inp = _make(2, 150, 3, 1, 5, 12, F32, device, **({} if opts == "plain" else
+        inp = _make(2, 150, 3, 1, 5, 12, dtype, device, **({} if opts == "plain" else
                                                            dict(D="hp", dt_bias="hn", init=True, softplus=True)))
     op_f, op_b = torch.ops.ssm_ext.issm_fwd.default, torch.ops.ssm_ext.issm_bwd.default
     v = dict(inp, chunk_size=64, dt_softplus=opts == "all_but_z", dt_limit_lo=0.0, dt_limit_hi=float("inf"),
@@ -422,7 +422,7 @@ def test_bwd_from_chunk_states(device, opts):
     out, fs, cs = op_f(*schema_args(op_f, v))
     b, L, H, P = inp["x"].shape
     assert cs.dtype == F32 and cs.numel() == (b * ((L + 63) // 64) * H * (P + 1) * 12 if device == "cuda" else 0)
-    v.update(dout=torch.randn_like(out), dfinal_states=torch.randn_like(fs))
+    v.update(dout=torch.randn_like(out), dfinal_states=torch.randn_like(fs))  # bf16 dout: gy is its fp32 copy
     recomputed = op_b(*schema_args(op_b, dict(v, chunk_states=None)))
     reused = op_b(*schema_args(op_b, dict(v, chunk_states=cs)))
     for i, (a, r) in enumerate(zip(recomputed, reused)):
