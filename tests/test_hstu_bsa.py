@@ -930,7 +930,7 @@ def test_bad_input_device_mismatch(device):
 
 def test_offsets_checked_again_after_a_change(device):
     """GPU offsets are read once per tensor and version (no device sync per call): a tensor
-    changed in place, or a new one with the same values changed, is checked again."""
+    changed in place, a new tensor, and the same tensor with another T are checked again."""
     q, k, v, u, gates, off = _inputs([5, 4], F32, device)
     ops.hstu_bsa_topk(q, k, off, 6, H, 0.5, 2, 2)
     ops.hstu_bsa_topk(q, k, off, 6, H, 0.5, 2, 2)  # remembered: the same answer

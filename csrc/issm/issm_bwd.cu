@@ -858,20 +858,21 @@ void run_backward(const IssmParams& p, const at::Tensor& like, const at::Tensor&
   const int64_t H = p.nheads, P = p.headdim, N = p.dstate, L = p.seqlen, R = tf.nrows;
   auto buf = [&](int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, f32); };
   const int64_t ntb = (L + kTB - 1) / kTB;
+  // The entering states, then the decay products: issm_fwd's chunk_states, or step 1 writes them.
+  const int64_t n_states = R * tf.nchunks * H * P * N;
   const bool reuse = saved.defined();
-  at::Tensor states = reuse ? saved : buf(R * tf.nchunks * H * P * N), adj = buf(R * tf.nchunks * H * P * N);
-  at::Tensor prod = reuse ? saved : buf(R * tf.nchunks * H * N);
+  at::Tensor chunk = reuse ? saved : buf(n_states + R * tf.nchunks * H * N), adj = buf(n_states);
   at::Tensor gy = reuse ? dout.to(at::kFloat).contiguous() : buf(R * L * H * P);
-  at::Tensor ypart = tf.ntn > 1 ? buf(tf.ntn * R * L * H * P) : at::Tensor();
+  at::Tensor ypart = tf.ntn > 1 && !reuse ? buf(tf.ntn * R * L * H * P) : at::Tensor();
   at::Tensor dxpart = buf(tb.ntn * R * L * H * P), nred = buf(3 * tb.ntp * R * L * H * N);
   const int64_t ncols = 2 * H * N + H * P;
   at::Tensor parts = buf(R * ntb * ncols), sums = buf(ncols);
 
   Bufs fb;
-  fb.states = states.data_ptr<float>();
-  fb.prod = prod.data_ptr<float>() + (reuse ? R * tf.nchunks * H * P * N : 0);
+  fb.states = chunk.data_ptr<float>();
+  fb.prod = fb.states + n_states;
   fb.gy = gy.data_ptr<float>();
-  if (tf.ntn > 1) fb.ypart = ypart.data_ptr<float>();
+  if (ypart.defined()) fb.ypart = ypart.data_ptr<float>();
   BwdBufs bb;
   bb.states = fb.states;
   bb.prod = fb.prod;

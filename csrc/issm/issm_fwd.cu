@@ -32,20 +32,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, con
     using T = decltype(tag);
     if (p.headdim == 0 || p.nheads == 0) return;  // out is empty; final states too (P or H is 0)
     const Tiling tl = make_tiling(p, kFwdChunk, 8);
+    const auto f32 = x.options().dtype(at::kFloat);
     const int64_t n_states = int64_t(tl.nrows) * tl.nchunks * p.nheads * p.headdim * p.dstate;
     Bufs bufs;
     at::Tensor states;
     if (!p.z.ptr && n_states > 0) {  // kept for the backward: the entering states, then the decay products
-      chunk_states = at::empty({n_states + int64_t(tl.nrows) * tl.nchunks * p.nheads * p.dstate}, x.options().dtype(at::kFloat));
+      chunk_states = at::empty({n_states + int64_t(tl.nrows) * tl.nchunks * p.nheads * p.dstate}, f32);
       bufs.states = chunk_states.data_ptr<float>();
       bufs.prod = bufs.states + n_states;
     } else {
-      states = at::empty({std::max<int64_t>(n_states, 1)}, x.options().dtype(at::kFloat));
+      states = at::empty({std::max<int64_t>(n_states, 1)}, f32);
       bufs.states = states.data_ptr<float>();
     }
     at::Tensor ypart;
     if (tl.ntn > 1) {
-      ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, x.options().dtype(at::kFloat));
+      ypart = at::empty({int64_t(tl.ntn) * tl.nrows * p.seqlen * p.nheads * p.headdim}, f32);
       bufs.ypart = ypart.data_ptr<float>();
     }
     run_forward<T, kOut>(p, tl, bufs, x, stream);

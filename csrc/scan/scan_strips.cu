@@ -209,19 +209,13 @@ bool strips_ok(const ScanParams& p, int piece) {
   return true;
 }
 
-}  // namespace
-
-namespace {
-
 template <typename T, typename Y, int kStages, int kMinCtas>
-void launch_strips(const ScanParams& p, const at::Tensor& like, int sms) {
+void launch_strips(const ScanParams& p, const at::Tensor& like, int sms, int64_t n_dstrips, int64_t n_chunks) {
   auto kernel = fwd_strips_kernel<T, Y, kStages, kMinCtas>;
   constexpr size_t smem = kStages * sizeof(StripTile<T>);
-  constexpr int kSteps = kStripSteps<T>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int64_t n_dstrips = (p.dim + kStripRows - 1) / kStripRows, n_chunks = (p.seqlen + kSteps - 1) / kSteps;
   ScratchSpace ws(p.batch * n_dstrips, n_chunks, kStripRows, like);
   // Every CTA resident at once: a tile waits only on lower tiles, taken by running CTAs.
   const int64_t grid = std::min<int64_t>(int64_t(ws.blocks()), int64_t(std::max(per_sm, 1)) * sms);
@@ -236,10 +230,9 @@ bool launch_strips_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType ou
   dispatch_io_dtype(in, "x", [&](auto tin) {
     using T = decltype(tin);
     if (!strips_ok(p, kPieceElems<T>)) return;
-    // 32-bit tile coordinates
-    if (p.batch * ((p.dim + kStripRows - 1) / kStripRows) >= (int64_t(1) << 31) ||
-        (p.seqlen + kStripSteps<T> - 1) / kStripSteps<T> >= (int64_t(1) << 31))
-      return;
+    const int64_t n_dstrips = (p.dim + kStripRows - 1) / kStripRows,
+                  n_chunks = (p.seqlen + kStripSteps<T> - 1) / kStripSteps<T>;
+    if (p.batch * n_dstrips >= (int64_t(1) << 31) || n_chunks >= (int64_t(1) << 31)) return;  // 32-bit tile coordinates
     dispatch_out_dtype<T>(out, [&](auto tout) {
       using Y = decltype(tout);
       int device = 0, sms = 0;
@@ -249,8 +242,8 @@ bool launch_strips_fwd(const ScanParams& p, at::ScalarType in, at::ScalarType ou
       // walks while the CTA's other warps wait at the barrier), and three CTAs per SM with a 2-stage
       // ring overlap those waits better (L = 1M, D = 256 fp32: 2260 -> 2106 us). Otherwise the
       // predecessor's state is read a tile ahead, and a 3-stage ring keeps more loads in flight.
-      if (p.batch * ((p.dim + kStripRows - 1) / kStripRows) < 2 * int64_t(sms)) launch_strips<T, Y, 2, 3>(p, like, sms);
-      else launch_strips<T, Y, 3, 2>(p, like, sms);
+      if (p.batch * n_dstrips < 2 * int64_t(sms)) launch_strips<T, Y, 2, 3>(p, like, sms, n_dstrips, n_chunks);
+      else launch_strips<T, Y, 3, 2>(p, like, sms, n_dstrips, n_chunks);
       done = true;
     });
   });
