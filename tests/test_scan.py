@@ -491,25 +491,28 @@ def test_time_contiguous_many_rows(device, dtype, out_dtype, opts, L):
 
 
 STRIP_SIZES = [  # (B, L, D): D contiguous, D >= 32 and a multiple of 8 (CUDA strip mode)
-    (2, 300, 40),     # a partial strip of channels; L ends inside a tile (64 fp32 / 128 16-bit steps)
+    (2, 300, 40),     # a partial strip of channels; L ends inside a tile (64 steps)
     (3, 64, 96),      # whole tiles, several strips per batch
     (1, 20000, 32),   # one strip, hundreds of tiles: long look-back chains between CTAs
     (1, 1, 32),       # L = 1
+    (8, 100, 1544),   # CUDA: many strips (the state read a tile ahead), the last of each batch partial
 ]
 
 
-# the long case runs the plain, allopts and stored options once per input dtype
+# the long and the wide case run the plain, allopts and stored options once per input dtype (the wide
+# one also allopts with every output dtype)
 STRIP_CASES = [(size, dt, odt, opts)
                for size in STRIP_SIZES
                for dt, odt in [(F32, None), (BF16, None), (BF16, F32), (F16, None), (F32, BF16)]
                for opts in ["plain", "b", "c", "allopts", "stored"]
-               if size[1] <= 1000 or (odt is None and opts in ("plain", "allopts", "stored"))]
+               if (size[1] <= 1000 and size[2] < 1000) or (odt is None and opts in ("plain", "allopts", "stored"))
+               or (size[2] > 1000 and opts == "allopts")]
 
 
 @pytest.mark.parametrize("size,dtype,out_dtype,opts", STRIP_CASES)
 def test_channel_contiguous_strips(device, size, dtype, out_dtype, opts):
-    """(B, L, D)-contiguous inputs with D >= 32 (CUDA: 32-channel strips through shared memory,
-    persistent CTAs chained by look-back). Forward and gradients vs the reference, with and
+    """(B, L, D)-contiguous inputs with D >= 32 (CUDA: strips of one 128-byte line of channels
+    through shared memory, persistent CTAs chained by look-back). Forward and gradients vs the reference, with and
     without b, c, initial state, in checkpoint and stored-states mode."""
     B, L, D = size
     x, a, b, c, h0 = _inputs(B, L, D, dtype, device, opts in ("b", "allopts", "stored"),
