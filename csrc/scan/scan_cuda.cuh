@@ -231,40 +231,50 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
   // every tile passed on the way must have published its pair. Then fold forward from it: the
   // pairs of the last round from registers, those of earlier rounds read again.
   constexpr int kBatch = 8;  // tiles read per round trip of the walk
-  const uint32_t* state = lb.state + me;
-  const uint64_t* agg = lb.agg + me;
+  // The walk sits on the critical path of every tile that has no state ahead (the CTA's other
+  // warps wait for it at a barrier), so its batch is kept short: running pointers, no 64-bit
+  // index arithmetic per load, and one bit mask for the search.
+  int64_t s = step - 1;  // the nearest tile not passed yet; `state` and `agg` point at its slots
+  const uint32_t* state = lb.state + me - stride;
+  const uint64_t* agg = lb.agg + me - stride;
   float h = 0.f;
-  int64_t s = step - 1;
   for (bool found = false; !found;) {
     uint32_t st[kBatch];
     uint64_t pu[kBatch];
+    const int n = s + 1 < kBatch ? int(s + 1) : kBatch;  // tiles s, s - 1, ... that exist
+    const uint32_t* sq = state;
+    const uint64_t* aq = agg;
 #pragma unroll
     for (int q = 0; q < kBatch; ++q) {
-      st[q] = s - q >= 0 ? ld_relaxed32(state - (step - s + q) * stride) : kEmpty;
-      pu[q] = s - q >= 0 ? ld_relaxed64(agg - (step - s + q) * stride) : 0;
+      st[q] = q < n ? ld_relaxed32(sq) : kEmpty;
+      pu[q] = q < n ? ld_relaxed64(aq) : 0;
+      sq -= stride;
+      aq -= stride;
     }
-    int q = kBatch;  // first tile (s - q) in the batch that has not only its pair
+    unsigned stops = 0;  // bit i: tile s - i has its state, or not even its pair
 #pragma unroll
-    for (int i = kBatch - 1; i >= 0; --i)  // unrolled, so st and pu stay in registers
-      if (s - i >= 0 && (st[i] != kEmpty || uint32_t(pu[i]) == kEmpty)) q = i;
+    for (int i = 0; i < kBatch; ++i) stops |= unsigned(st[i] != kEmpty || uint32_t(pu[i]) == kEmpty) << i;
+    const int q = stops ? __ffs(int(stops)) - 1 : kBatch;  // unrolled reads, so st and pu stay in registers
+    uint32_t at_q = kEmpty;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      if (i == q && st[i] != kEmpty) {
-        found = true;
-        h = __uint_as_float(st[i]);
-      }
-    }
+    for (int i = 0; i < kBatch; ++i)
+      if (i == q) at_q = st[i];
+    found = at_q != kEmpty;
     if (found) {
+      h = __uint_as_float(at_q);
 #pragma unroll
       for (int i = kBatch - 1; i >= 0; --i)
         if (i < q) h = __uint_as_float(uint32_t(pu[i])) * h + __uint_as_float(uint32_t(pu[i] >> 32));
     } else {
       s -= q;  // tile s - q (if q < kBatch) has published nothing yet; step 0 always publishes its state
+      state -= q * stride;
+      agg -= q * stride;
       if (q < kBatch) __nanosleep(32);
     }
   }
   for (++s; s < step; ++s) {  // tiles passed in earlier rounds
-    const uint64_t pu = ld_relaxed64(agg - (step - s) * stride);
+    agg += stride;
+    const uint64_t pu = ld_relaxed64(agg);
     h = __uint_as_float(uint32_t(pu)) * h + __uint_as_float(uint32_t(pu >> 32));
   }
   st_relaxed32(lb.state + me, publishable(own.x * h + own.y));
