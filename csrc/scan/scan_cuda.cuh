@@ -254,10 +254,10 @@ __device__ __forceinline__ float chain_tiles(const LookBack& lb, int64_t k, floa
     unsigned stops = 0;  // bit i: tile s - i has its state, or not even its pair
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) stops |= unsigned(st[i] != kEmpty || uint32_t(pu[i]) == kEmpty) << i;
-    const int q = stops ? __ffs(int(stops)) - 1 : kBatch;  // unrolled reads, so st and pu stay in registers
+    const int q = stops ? __ffs(int(stops)) - 1 : kBatch;
     uint32_t at_q = kEmpty;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i)
+    for (int i = 0; i < kBatch; ++i)  // unrolled, not st[q], so st and pu stay in registers
       if (i == q) at_q = st[i];
     found = at_q != kEmpty;
     if (found) {

@@ -8,8 +8,6 @@
 // chained to the earlier tiles of the strip (the state read a tile ahead, or chain_tiles' walk by
 // the row threads), then h and y from the state entering its steps.
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <type_traits>
 
@@ -33,38 +31,13 @@ constexpr int kLaneRows = 4 / int(sizeof(T));  // channels per lane
 template <typename T>
 constexpr int kStripRows = 32 * kLaneRows<T>;  // channels per strip: 32 fp32, 64 16-bit
 template <typename T>
-constexpr int kPieceElems = 16 / int(sizeof(T));
+constexpr int kPieceElems = 16 / int(sizeof(T));  // elements of one 16-byte copy
 
 enum Input { kA, kX, kB, kC, kInputs };
 
 struct StripTile {
   uint32_t v[kInputs][kStripSteps][32];
 };
-
-// The kLaneRows channels of one lane's word as fp32 (bf16: the bits shifted into place, two
-// instructions where the generic conversion takes three).
-template <typename T>
-__device__ __forceinline__ void unpack(uint32_t w, float (&f)[kLaneRows<T>]) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    f[0] = __uint_as_float(w << 16);
-    f[1] = __uint_as_float(w & 0xFFFF0000u);
-  } else {
-    const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-    for (int j = 0; j < kLaneRows<T>; ++j) f[j] = float(e[j]);
-  }
-}
-
-// Stores a lane's R channels as one vector of Y; a 16-bit pair by one packing conversion.
-template <typename Y, int R>
-__device__ __forceinline__ void store_lane(Y* p, const float (&v)[R]) {
-  if constexpr (R == 2 && std::is_same_v<Y, c10::BFloat16>)
-    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
-  else if constexpr (R == 2 && std::is_same_v<Y, c10::Half>)
-    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v[0], v[1]);
-  else
-    store_vec<Y, R>(p, v);
-}
 
 // Where tile k = chunk * n_strips + strip lies: batch bb, channels d0 .., steps t0 ... Advanced
 // by the grid stride with 32-bit arithmetic (the host checks the bounds), not a 64-bit division
@@ -244,18 +217,18 @@ __global__ __launch_bounds__(kThreads, kMinCtas) void fwd_strips_kernel(ScanPara
               in(kC, i, cv);
 #pragma unroll
               for (int j = 0; j < R; ++j) cv[j] *= hv[i][j];
-              store_lane<Y, R>(y + i * p.y.sl, cv);
+              store_vec<Y, R>(y + i * p.y.sl, cv);
             }
           }
         } else if (y) {
 #pragma unroll
           for (int i = 0; i < S; ++i)
-            if (kWhole || i < n_steps) store_lane<Y, R>(y + i * p.y.sl, hv[i]);
+            if (kWhole || i < n_steps) store_vec<Y, R>(y + i * p.y.sl, hv[i]);
         }
         if (hs) {
 #pragma unroll
           for (int i = 0; i < S; ++i)
-            if (kWhole || i < n_steps) store_lane<float, R>(hs + i * p.states.sl, hv[i]);
+            if (kWhole || i < n_steps) store_vec<float, R>(hs + i * p.states.sl, hv[i]);
         }
       };
       if (all_steps) out_steps(std::true_type{});

@@ -48,8 +48,8 @@ EDITS = {
     "scan_cuda.cuh": [
         ("return k < lb.n_strips ? kEmpty : ld_relaxed32(",
          "return k < lb.n_strips || emu::hide_states() ? kEmpty : ld_relaxed32("),
-        ("st[q] = s - q >= 0 ? ld_relaxed32(state - (step - s + q) * stride) : kEmpty;",
-         "st[q] = s - q >= 0 ? emu::lookback_state(ld_relaxed32(state - (step - s + q) * stride), agg - (step - s + q) * stride) : kEmpty;"),
+        ("st[q] = q < n ? ld_relaxed32(sq) : kEmpty;",
+         "st[q] = q < n ? emu::lookback_state(ld_relaxed32(sq), aq) : kEmpty;"),
     ],
 }
 for old, new in EDITS.get(base, []):
